@@ -1,0 +1,114 @@
+"""`lmforge chat`: a multi-turn terminal chat that streams replies as they are generated.
+
+The conversation is a list of OpenAI-style messages rendered with the model's own chat template; the engine
+re-uses the cached prefix, so each turn only prefills the new message. Commands: /reset, /system TEXT, /exit.
+On a terminal, input is read with prompt_toolkit (line editing that handles CJK widths) and replies are rendered
+as markdown while they stream; piped input and output stay plain text so that scripts can drive it.
+This module does not load models or sample tokens itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+
+from lmforge.engine import Engine, Stats
+from lmforge.errors import LmforgeError
+from lmforge.sampling import SamplingParams
+
+HELP = "Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit. 命令：/reset /system /exit"
+
+
+def _reader(interactive: bool) -> Callable[[str], str]:
+    if interactive:
+        from prompt_toolkit import PromptSession
+
+        session: PromptSession[str] = PromptSession()
+        return lambda prompt: session.prompt(prompt)
+    return lambda prompt: _plain_input(prompt)
+
+
+def _plain_input(prompt: str) -> str:
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def run_chat(engine: Engine, params: SamplingParams, system: str | None, model_name: str) -> None:
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    console = Console(highlight=False)
+    read = _reader(interactive)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    console.print(f"[bold]lmforge chat[/bold] · {model_name} · {HELP}")
+    while True:
+        try:
+            line = read("\n>>> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = [m for m in messages if m["role"] == "system"]
+            engine.reset()
+            console.print("[dim]conversation cleared / 对话已清空[/dim]")
+            continue
+        if line.startswith("/system"):
+            text = line[len("/system") :].strip()
+            messages = ([{"role": "system", "content": text}] if text else []) + [
+                m for m in messages if m["role"] != "system"
+            ]
+            console.print(f"[dim]system prompt {'set' if text else 'cleared'}[/dim]")
+            continue
+        if line.startswith("/"):
+            console.print(f"[dim]unknown command {line.split()[0]}. {HELP}[/dim]")
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _answer(engine, messages, params, console, interactive)
+        if reply is None:
+            messages.pop()
+        else:
+            messages.append({"role": "assistant", "content": reply})
+
+
+def _answer(
+    engine: Engine, messages: list[dict[str, str]], params: SamplingParams, console: Console, interactive: bool
+) -> str | None:
+    """Stream one reply; return its text, or None if nothing was produced (the turn is then dropped)."""
+    stats = Stats()
+    pieces: list[str] = []
+    # On a terminal the growing reply is re-rendered as markdown; elsewhere it is written through as plain text.
+    show: Callable[[str], None] = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
+    live = Live(Markdown(""), console=console, refresh_per_second=10, vertical_overflow="visible") if interactive else None
+    try:
+        prompt = engine.tokenizer.render_chat(messages, add_generation_prompt=True)
+        ids = engine.tokenizer.encode(prompt)
+        if live:
+            live.start()
+            show = lambda _: live.update(Markdown("".join(pieces)))  # noqa: E731
+        for piece in engine.stream(ids, params, stats):
+            pieces.append(piece)
+            show(piece)
+    except KeyboardInterrupt:
+        engine.reset()  # the cache holds a reply we are discarding
+        console.print("\n[dim](interrupted)[/dim]")
+    except LmforgeError as e:
+        console.print(f"\n[red]{e}[/red]")
+        return None
+    finally:
+        if live:
+            live.stop()
+    console.print(
+        f"\n[dim]{stats.completion_tokens} tokens · {stats.decode_tps:.1f} tok/s · "
+        f"prompt {stats.prompt_tokens - stats.cached_tokens} new tokens at {stats.prefill_tps:.0f} tok/s[/dim]"
+    )
+    return "".join(pieces) or None

@@ -1,0 +1,20 @@
+"""The one exception type whose message is shown to the user as is.
+
+Raise `LmforgeError` for anything caused by the user's input or environment (a missing file, a bad hash, an
+unknown name): the CLI prints its message on one line and exits non-zero, without a traceback. Bugs in lmforge
+itself stay ordinary exceptions so that their tracebacks reach us.
+"""
+
+from __future__ import annotations
+
+
+class LmforgeError(Exception):
+    """A problem the user can fix; the message says what, where, and what to do."""
+
+
+def require_extra(module: str, extra: str) -> None:
+    """Import check for optional dependencies, naming the extra that provides them."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise LmforgeError(f"this needs the Python package {module!r}: pip install 'lmforge[{extra}]'")

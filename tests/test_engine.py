@@ -1,0 +1,140 @@
+"""The engine against plain recomputation: cached decoding, batching, streaming, stop strings, context limits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.engine import Engine, Stats, TextStream
+from lmforge.errors import LmforgeError
+from lmforge.fastlinear import BlockedLinear
+from lmforge.model import Transformer
+from lmforge.sampling import SamplingParams
+from lmforge.tokenizer import Tokenizer
+
+PROMPTS = ["Hello, how are you", "你好，今天", "The quick brown fox jumps over the lazy dog and", "机"]
+
+
+def greedy_by_recomputation(model: Transformer, ids: list[int], n: int) -> list[int]:
+    """The reference: run the whole sequence through the model for every new token, no cache."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def engine_for(model: Transformer, tok: Tokenizer, **kw: object) -> Engine:
+    return Engine(copy.deepcopy(model), tok, **kw)
+
+
+def test_cached_decoding_equals_recomputation(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    for prompt in PROMPTS:
+        ids = tiny_tokenizer.encode(prompt)
+        [got] = engine.generate([ids], params)
+        assert got.token_ids == greedy_by_recomputation(tiny_model, ids, 24)
+
+
+def test_batched_equals_one_by_one(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    prompts = [tiny_tokenizer.encode(p) for p in PROMPTS]
+    batched = engine.generate(prompts, params)
+    for ids, result in zip(prompts, batched, strict=True):
+        assert result.token_ids == greedy_by_recomputation(tiny_model, ids, 20)
+        assert result.stats.finish_reason == "length"
+
+
+def test_streamed_text_equals_final_text(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    ids = tiny_tokenizer.encode("北京是中国的")
+    pieces = list(engine.stream(ids, params))
+    reference = greedy_by_recomputation(tiny_model, ids, 40)
+    assert "".join(pieces) == tiny_tokenizer.decode(reference)
+    assert all("\ufffd" not in p for p in pieces[:-1])
+
+
+def test_stream_reuses_prefix_and_matches_fresh_run(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    first = tiny_tokenizer.encode("Hello, how are you today?")
+    list(engine.stream(first, params))
+    second = first + tiny_tokenizer.encode(" I am fine")
+    stats = Stats()
+    text = "".join(engine.stream(second, params, stats))
+    assert stats.cached_tokens == len(first)
+    assert text == tiny_tokenizer.decode(greedy_by_recomputation(tiny_model, second, 8))
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer)
+    ids = tiny_tokenizer.encode("Hello")
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    a = "".join(engine.stream(ids, params))
+    b = "".join(engine.stream(ids, params))
+    c = "".join(engine.stream(ids, SamplingParams(**{**params.__dict__, "seed": 8})))
+    assert a == b
+    assert a != c
+
+
+def test_eos_stops_generation(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    ids = tiny_tokenizer.encode("Hello")
+    first = greedy_by_recomputation(tiny_model, ids, 3)
+    tok = copy.copy(tiny_tokenizer)
+    tok.eos_token_ids = [first[2]]  # make the third greedy token the end of the reply
+    stats = Stats()
+    text = "".join(engine_for(tiny_model, tok).stream(ids, SamplingParams(max_new_tokens=10), stats))
+    assert stats.finish_reason == "stop"
+    assert stats.completion_tokens == 3
+    assert text == tiny_tokenizer.decode(first[:2])
+
+
+def test_stop_string_is_never_emitted(tiny_tokenizer: Tokenizer) -> None:
+    ids = tiny_tokenizer.encode("Hello, how are you today? I am fine")
+    stream = TextStream(tiny_tokenizer, stop=["are you"])
+    pieces = [stream.push(t) for t in ids]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == "Hello, how "
+    assert stream.stopped
+
+
+def test_stop_string_prefix_is_released_when_it_does_not_complete(tiny_tokenizer: Tokenizer) -> None:
+    ids = tiny_tokenizer.encode("the quick brown fox")
+    stream = TextStream(tiny_tokenizer, stop=["quick brown cat"])
+    text = "".join(stream.push(t) for t in ids) + stream.finish()
+    assert text == "the quick brown fox"
+    assert not stream.stopped
+
+
+def test_prompt_over_the_context_is_refused(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer, max_len=32)
+    with pytest.raises(LmforgeError, match=r"needs \d+ tokens but the context is 32"):
+        list(engine.stream(list(range(40)), SamplingParams(max_new_tokens=4)))
+
+
+def test_generation_ends_at_the_context_limit(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer, max_len=32)
+    stats = Stats()
+    list(engine.stream(list(range(1, 21)), SamplingParams(max_new_tokens=100, ignore_eos=True), stats))
+    assert stats.finish_reason == "length"
+    assert stats.prompt_tokens + stats.completion_tokens == 33  # the last token needs no cache slot
+
+
+def test_empty_prompt_is_refused(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
+    with pytest.raises(LmforgeError, match="empty"):
+        list(engine_for(tiny_model, tiny_tokenizer).stream([], SamplingParams()))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_blocked_linear_equals_linear(bias: bool, rows: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 96, bias=bias)
+    x = torch.randn(2, rows, 48)
+    torch.testing.assert_close(BlockedLinear(linear, blocks=4)(x), linear(x), rtol=1e-5, atol=1e-5)
