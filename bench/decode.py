@@ -154,7 +154,10 @@ def main() -> None:
     wbytes = weight_bytes_per_token(directory)
     ceiling = bandwidth * 1e9 / wbytes
     print(f"model {args.model}: {wbytes / 1e6:.0f} MB of fp32 weights read per token")
-    print(f"read bandwidth {bandwidth:.1f} GB/s -> fp32 decode ceiling {ceiling:.1f} tok/s; threads {torch.get_num_threads()}")
+    print(
+        f"read bandwidth {bandwidth:.1f} GB/s -> fp32 decode ceiling {ceiling:.1f} tok/s; "
+        f"threads {torch.get_num_threads()}"
+    )
     runners = ["ours", "transformers"]
     try:
         import llama_cpp  # noqa: F401
@@ -164,8 +167,20 @@ def main() -> None:
         print("(llama-cpp-python not installed: llama.cpp column skipped)")
     results = {}
     for r in runners:
-        cmd = [sys.executable, __file__, "--runner", r, "--model", args.model, "--tokens", str(args.tokens),
-               "--prompt", str(args.prompt), "--repeats", str(args.repeats)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--runner",
+            r,
+            "--model",
+            args.model,
+            "--tokens",
+            str(args.tokens),
+            "--prompt",
+            str(args.prompt),
+            "--repeats",
+            str(args.repeats),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"{r}: failed\n{proc.stderr[-2000:]}")
@@ -173,13 +188,17 @@ def main() -> None:
         results[r] = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n{'runtime':<14}{'decode tok/s':>14}{'% ceiling':>11}{'prefill tok/s':>15}{'peak RSS MiB':>14}")
     for r, m in results.items():
-        print(f"{r:<14}{m['decode_tps']:>14.1f}{100 * m['decode_tps'] / ceiling:>10.0f}%"
-              f"{m['prefill_tps']:>15.1f}{m['peak_rss_mib']:>14.0f}")
+        print(
+            f"{r:<14}{m['decode_tps']:>14.1f}{100 * m['decode_tps'] / ceiling:>10.0f}%"
+            f"{m['prefill_tps']:>15.1f}{m['peak_rss_mib']:>14.0f}"
+        )
     if "ours" in results:
         for r, m in results.items():
             if r != "ours":
-                print(f"ours / {r}: decode {results['ours']['decode_tps'] / m['decode_tps']:.2f}x, "
-                      f"prefill {results['ours']['prefill_tps'] / m['prefill_tps']:.2f}x")
+                print(
+                    f"ours / {r}: decode {results['ours']['decode_tps'] / m['decode_tps']:.2f}x, "
+                    f"prefill {results['ours']['prefill_tps'] / m['prefill_tps']:.2f}x"
+                )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def _answer(
     pieces: list[str] = []
     # On a terminal the growing reply is re-rendered as markdown; elsewhere it is written through as plain text.
     show: Callable[[str], None] = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
-    live = Live(Markdown(""), console=console, refresh_per_second=10, vertical_overflow="visible") if interactive else None
+    live = (
+        Live(Markdown(""), console=console, refresh_per_second=10, vertical_overflow="visible") if interactive else None
+    )
     try:
         prompt = engine.tokenizer.render_chat(messages, add_generation_prompt=True)
         ids = engine.tokenizer.encode(prompt)

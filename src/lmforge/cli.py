@@ -33,8 +33,13 @@ def _sampling(args: argparse.Namespace):  # noqa: ANN202 - imported lazily
     from lmforge.sampling import SamplingParams
 
     return SamplingParams(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
     )
 
 
@@ -51,13 +56,15 @@ def _engine(args: argparse.Namespace):  # noqa: ANN202
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.chat import run_chat
 
+    params = _sampling(args)  # bad flags fail before the model loads
     engine, directory = _engine(args)
-    run_chat(engine, _sampling(args), args.system, args.model or directory.parent.name)
+    run_chat(engine, params, args.system, args.model or directory.parent.name)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.engine import Stats
 
+    params = _sampling(args)
     engine, _ = _engine(args)
     tok = engine.tokenizer
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
@@ -69,7 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tok.encode(prompt)
     stats = Stats()
     pieces = []
-    for piece in engine.stream(ids, _sampling(args), stats):
+    for piece in engine.stream(ids, params, stats):
         pieces.append(piece)
         if not args.json:
             sys.stdout.write(piece)
@@ -108,8 +115,12 @@ def cmd_models(args: argparse.Namespace) -> None:
     table = Table("name", "cached", "size", "description")
     for r in rows:
         size = f"{r['size_bytes'] / 2**20:,.0f} MiB" if r.get("size_bytes") else ""
-        table.add_row(r["name"] + (" (default)" if r.get("default") else ""), "yes" if r["cached"] else "no", size,
-                      r.get("description", ""))
+        table.add_row(
+            r["name"] + (" (default)" if r.get("default") else ""),
+            "yes" if r["cached"] else "no",
+            size,
+            r.get("description", ""),
+        )
     Console().print(table)
 
 

@@ -38,9 +38,7 @@ class ModelConfig:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise LmforgeError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise LmforgeError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -63,21 +61,41 @@ class ModelConfig:
 # Named presets for tests and from-scratch training. Real models get their config from their files.
 PRESETS: dict[str, ModelConfig] = {
     "llama-tiny": ModelConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
-        max_seq_len=256, tie_embeddings=True,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=256,
+        tie_embeddings=True,
     ),
     "qwen2-tiny": ModelConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
-        max_seq_len=256, rope_theta=1e6, qkv_bias=True, norm_eps=1e-6,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=256,
+        rope_theta=1e6,
+        qkv_bias=True,
+        norm_eps=1e-6,
     ),
     "llama-17m": ModelConfig(
-        vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6,
+        vocab_size=8192,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_layers=6,
+        num_heads=6,
+        num_kv_heads=6,
         max_seq_len=1024,
     ),
 }
 
 
 # --- Hugging Face config.json ---------------------------------------------------------------------------------
+
 
 # HF's Llama applies `attention_bias` to the output projection too; Qwen2 biases q/k/v only. So a model with
 # qkv bias is exported as Qwen2 and one without as Llama; which one is decided by the data, not by a name.
@@ -120,7 +138,7 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     model_type = d.get("model_type")
     if model_type not in ("llama", "qwen2", "mistral"):
         raise LmforgeError(
-            f"{source}: model_type {model_type!r} is not supported; lmforge loads llama, qwen2 and mistral-shaped models"
+            f"{source}: model_type {model_type!r} is not supported; lmforge loads llama, qwen2 and mistral models"
         )
     if d.get("hidden_act", "silu") != "silu" or d.get("mlp_bias"):
         raise LmforgeError(f"{source}: only SwiGLU MLPs without bias are supported")

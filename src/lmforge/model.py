@@ -143,7 +143,9 @@ class Attention(nn.Module):
             assert at is not None
             k, v = write_cache(cache, k, v, at)
             mask, causal = at.mask, at.causal
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
+        )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -179,7 +181,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, at, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -223,10 +227,7 @@ class Transformer(nn.Module):
         (-1 = last), or a (B,) tensor of per-row indices. Skips the head's work on tokens nobody reads.
         """
         b, t = input_ids.shape
-        if positions is None:
-            pos = torch.arange(t, device=input_ids.device)
-        else:
-            pos = positions.pos
+        pos = torch.arange(t, device=input_ids.device) if positions is None else positions.pos
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D) or (B, T, D)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D) to broadcast over heads
