@@ -40,16 +40,26 @@ def make_wheel(directory: Path, project: str, version: str, files: dict[str, byt
 def split_entry(wheel_dir: Path, payload: bytes, name: str = "fake-model", sha256: str | None = None) -> CatalogEntry:
     """Two wheels carrying `payload` in three parts, like the split Qwen packages."""
     cut1, cut2 = len(payload) // 3, 2 * len(payload) // 3
-    make_wheel(wheel_dir, "lmf-fake-part1", "0.1.0", {
-        "lmf_fake_part1/data/part01.bin": payload[:cut1],
-        "lmf_fake_part1/data/part02.bin": payload[cut1:cut2],
-        "lmf_fake_part1/__init__.py": b"raise SystemExit('never imported')\n",
-    })
+    make_wheel(
+        wheel_dir,
+        "lmf-fake-part1",
+        "0.1.0",
+        {
+            "lmf_fake_part1/data/part01.bin": payload[:cut1],
+            "lmf_fake_part1/data/part02.bin": payload[cut1:cut2],
+            "lmf_fake_part1/__init__.py": b"raise SystemExit('never imported')\n",
+        },
+    )
     make_wheel(wheel_dir, "lmf-fake-part2", "0.1.0", {"lmf_fake_part2/data/part03.bin": payload[cut2:]})
     return CatalogEntry(
-        name=name, description="test", packages=("lmf-fake-part1==0.1.0", "lmf-fake-part2==0.1.0"),
+        name=name,
+        description="test",
+        packages=("lmf-fake-part1==0.1.0", "lmf-fake-part2==0.1.0"),
         parts=("lmf_fake_part1/data/part01.bin", "lmf_fake_part1/data/part02.bin", "lmf_fake_part2/data/part03.bin"),
-        sha256=sha256 or hashlib.sha256(payload).hexdigest(), size=len(payload), license="MIT", languages=("en",),
+        sha256=sha256 or hashlib.sha256(payload).hexdigest(),
+        size=len(payload),
+        license="MIT",
+        languages=("en",),
     )
 
 

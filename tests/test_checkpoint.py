@@ -96,8 +96,13 @@ def test_tied_head_is_not_stored(tmp_path: Path) -> None:
 def hf_model(kind: str) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     if kind == "llama":
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, rms_norm_eps=1e-5)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from lmforge import kernels
 from lmforge.engine import Engine, Stats, TextStream
 from lmforge.errors import LmforgeError
-from lmforge.fastlinear import BlockedLinear
 from lmforge.model import Transformer
 from lmforge.sampling import SamplingParams
 from lmforge.tokenizer import Tokenizer
@@ -134,9 +134,22 @@ def test_empty_prompt_is_refused(tiny_model: Transformer, tiny_tokenizer: Tokeni
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 5])
-def test_blocked_linear_equals_linear(bias: bool, rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k"), [(96, 64), (37, 45), (600, 520)])  # tails in both dimensions, several K tiles
+def test_native_stacked_linear_equals_torch(bias: bool, rows: int, n: int, k: int) -> None:
+    if kernels.library() is None:
+        pytest.skip("native kernels unavailable here")
     torch.manual_seed(0)
-    linear = nn.Linear(48, 96, bias=bias)
-    x = torch.randn(2, rows, 48)
-    torch.testing.assert_close(BlockedLinear(linear, blocks=4)(x), linear(x), rtol=1e-5, atol=1e-5)
+    parts = [nn.Linear(k, n, bias=bias), nn.Linear(k, 3, bias=bias), nn.Linear(k, n // 2, bias=bias)]
+    x = torch.randn(1, rows, k)
+    with torch.no_grad():
+        plan = kernels.LinearPlan([p.weight for p in parts], [p.bias for p in parts])
+        expected = torch.cat([p(x) for p in parts], dim=-1)
+        torch.testing.assert_close(kernels.linear(x, plan), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_native_rms_norm_equals_torch() -> None:
+    if kernels.library() is None:
+        pytest.skip("native kernels unavailable here")
+    x, w = torch.randn(3, 1, 200) * 4, torch.randn(200)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (200,), w, 1e-6))

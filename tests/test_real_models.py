@@ -39,8 +39,13 @@ def compare_greedy(directory: Path, prompts: dict[str, str]) -> None:
         [ours] = engine.generate([ids], params)
         with torch.inference_mode():
             out = peer.generate(
-                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=tok.eos_token_ids,
-                output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                torch.tensor([ids]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=tok.eos_token_ids,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
             )
         theirs = out.sequences[0, len(ids) :].tolist()
         step = next((i for i, (a, b) in enumerate(zip(ours.token_ids, theirs, strict=False)) if a != b), None)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.fastlinear import prepare_for_decode
+from lmforge.fastpath import prepare_for_decode
 from lmforge.model import KVCache, Positions, Transformer
 from lmforge.sampling import SamplingParams, sample
 from lmforge.tokenizer import Tokenizer

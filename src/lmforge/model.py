@@ -133,20 +133,34 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None
     ) -> Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
-        if cache is not None:
-            assert at is not None
-            k, v = write_cache(cache, k, v, at)
-            mask, causal = at.mask, at.causal
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(attend(q, k, v, self.n_heads, self.n_kv, cos, sin, at, cache))
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_heads: int,
+    n_kv: int,
+    cos: Tensor,
+    sin: Tensor,
+    at: Positions | None,
+    cache: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """Attention from projected q (B, T, H*D), k and v (B, T, Hkv*D): RoPE, cache write, SDPA; returns (B, T, H*D)."""
+    b, t, _ = q.shape
+    q = q.view(b, t, n_heads, -1).transpose(1, 2)  # (B, H, T, D)
+    k = k.view(b, t, n_kv, -1).transpose(1, 2)  # (B, Hkv, T, D)
+    v = v.view(b, t, n_kv, -1).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    mask, causal = None, True
+    if cache is not None:
+        assert at is not None
+        k, v = write_cache(cache, k, v, at)
+        mask, causal = at.mask, at.causal
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=n_kv != n_heads)
+    return y.transpose(1, 2).reshape(b, t, -1)
 
 
 def write_cache(cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, at: Positions) -> tuple[Tensor, Tensor]:

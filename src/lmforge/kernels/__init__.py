@@ -1,0 +1,213 @@
+"""Native CPU kernels for decoding, built on first use with the system C compiler and loaded through ctypes.
+
+Why native: decode speed on CPU is weight bytes read per second, and PyTorch's one-row fp32 GEMV reaches about
+half of this machine's memory bandwidth (single-threaded MKL on AVX2). `cpu.c` splits output features across
+PyTorch's own OpenMP threads and streams each weight row once, which reaches the bandwidth of a plain reduction.
+
+How: the C file ships inside the package; `library()` compiles it once per source/compiler/CPU-flags combination
+into the lmforge cache (an atomic rename, so concurrent first runs are safe) in about a second. With no compiler,
+a failed build, or LMFORGE_NATIVE=0, it returns None after saying so once, and callers use PyTorch's own ops.
+The ctypes call releases the GIL and costs a few microseconds; under `torch.compile` callers use the registered
+custom ops instead, which the compiler treats as opaque. This module does not decide which layers use them:
+`fastpath.prepare_for_decode` does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu.c")
+MAX_ROWS = 8  # lmf_linear_f32 handles at most this many activation rows; more rows are a GEMM for MKL
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _compile_flags() -> list[str]:
+    # -ffast-math: lets reductions vectorize and expf use glibc's vector versions; cpu.c avoids inf/nan on purpose.
+    flags = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _say_once(message: str) -> None:
+    print(f"lmforge: note: {message}", file=sys.stderr)
+
+
+def _build(compiler: str, flags: list[str], out: Path) -> None:
+    from lmforge.fileio import atomic_path
+
+    with atomic_path(out) as tmp:
+        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (said once on stderr) when it cannot be built or loaded here."""
+    if os.environ.get("LMFORGE_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        _say_once("no C compiler found; decoding uses PyTorch's kernels (about 2x slower). Install gcc to speed it up.")
+        return None
+    from lmforge.catalog import cache_dir
+
+    flags = _compile_flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode()).hexdigest()
+    out = cache_dir() / "kernels" / f"liblmforge_cpu-{key[:16]}.so"
+    try:
+        if not out.exists():
+            _build(compiler, flags, out)
+        lib = ctypes.CDLL(str(out))
+    except (OSError, RuntimeError) as e:
+        _say_once(f"native kernels unavailable ({e}); decoding uses PyTorch's kernels")
+        return None
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.lmf_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, i32, i32]
+    lib.lmf_rms_norm_f32.argtypes = [ptr, ptr, ptr, i32, i32, ctypes.c_float]
+    lib.lmf_decode_attention_f32.argtypes = [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, i32, ptr, ctypes.c_float]
+    lib.lmf_silu_mul_f32.argtypes = [ptr, ptr, i32, i32]
+    return lib
+
+
+class LinearPlan:
+    """One or more weight matrices (N_i, K) that read the same input, as raw pointers ready for lmf_linear_f32.
+
+    Their outputs come out side by side, as from one stacked matrix, without copying the weights into one. The plan
+    holds pointers: its tensors must stay where they are (a prepared model is not moved or re-typed afterwards).
+    """
+
+    def __init__(self, weights: list[Tensor], biases: list[Tensor | None]) -> None:
+        if not all(w.is_contiguous() and w.dtype == torch.float32 for w in weights):
+            raise ValueError("LinearPlan needs contiguous float32 weights")
+        self.weights, self.biases = weights, biases  # kept alive: the kernel reads them through raw pointers
+        self.out_features = sum(w.shape[0] for w in weights)
+        self.in_features = weights[0].shape[1]
+        count = len(weights)
+        self._arrays = (
+            (ctypes.c_void_p * count)(*[w.data_ptr() for w in weights]),
+            (ctypes.c_void_p * count)(*[None if b is None else b.data_ptr() for b in biases]),
+            (ctypes.c_int * count)(*[w.shape[0] for w in weights]),
+        )
+        self._args = [ctypes.cast(a, ctypes.c_void_p) for a in self._arrays] + [count]
+
+
+def linear(x: Tensor, plan: LinearPlan) -> Tensor:
+    """x (..., K) @ the plan's stacked weights^T + biases, for at most MAX_ROWS rows of float32 on CPU."""
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], plan.out_features), dtype=x.dtype)
+    lib.lmf_linear_f32(x.data_ptr(), *plan._args, y.data_ptr(), x.numel() // plan.in_features, plan.in_features)
+    return y
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    lib = library()
+    assert lib is not None
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    d = x.shape[-1]
+    lib.lmf_rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
+    return y
+
+
+def decode_attention(
+    qkv: Tensor, n_heads: int, n_kv: int, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor
+) -> Tensor:
+    """One decode step of attention (see cpu.c): qkv (B, 1, (H + 2*Hkv) * D) is rotated in place with each row's
+    cos/sin (B, D), k/v are written into the caches (B, Hkv, max_len, D) at pos (B,) int64, and the attention
+    output (B, 1, H * D) is returned."""
+    lib = library()
+    assert lib is not None
+    b, d = qkv.shape[0], k_cache.shape[-1]
+    out = torch.empty((b, 1, n_heads * d), dtype=qkv.dtype)
+    lib.lmf_decode_attention_f32(
+        qkv.data_ptr(),
+        b,
+        n_heads,
+        n_kv,
+        d,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        pos.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[2],
+        out.data_ptr(),
+        d**-0.5,
+    )
+    return out
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up from the fused (..., 2 * I) gate|up projection."""
+    lib = library()
+    assert lib is not None
+    i = gate_up.shape[-1] // 2
+    out = torch.empty((*gate_up.shape[:-1], i), dtype=gate_up.dtype)
+    lib.lmf_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * i), i)
+    return out
+
+
+# The same kernels as custom ops, for code that runs under torch.compile (an opaque call is all the compiler needs).
+@torch.library.custom_op("lmforge::linear_f32", mutates_args=())
+def linear_op(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
+    return linear(x, LinearPlan(weights, biases))
+
+
+@linear_op.register_fake
+def _(x: Tensor, weights: list[Tensor], biases: list[Tensor | None]) -> Tensor:
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+@torch.library.custom_op("lmforge::rms_norm_f32", mutates_args=())
+def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return rms_norm(x, weight, eps)
+
+
+@rms_norm_op.register_fake
+def _(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lmforge::decode_attention_f32", mutates_args=("qkv", "k_cache", "v_cache"))
+def decode_attention_op(
+    qkv: Tensor, n_heads: int, n_kv: int, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor
+) -> Tensor:
+    return decode_attention(qkv, n_heads, n_kv, cos, sin, pos, k_cache, v_cache)
+
+
+@decode_attention_op.register_fake
+def _(qkv: Tensor, n_heads: int, n_kv: int, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor):
+    return qkv.new_empty((qkv.shape[0], 1, n_heads * k_cache.shape[-1]))
+
+
+@torch.library.custom_op("lmforge::silu_mul_f32", mutates_args=())
+def silu_mul_op(gate_up: Tensor) -> Tensor:
+    return silu_mul(gate_up)
+
+
+@silu_mul_op.register_fake
+def _(gate_up: Tensor) -> Tensor:
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
