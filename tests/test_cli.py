@@ -23,8 +23,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def lmforge(*args: str, stdin: str = "", cache: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+def lmforge(
+    *args: str, stdin: str = "", cache: Path | None = None, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, **env_vars)
     if cache is not None:
         env["LMFORGE_CACHE"] = str(cache)
     return subprocess.run(
@@ -103,3 +105,12 @@ def test_models_lists_the_catalog_offline(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     names = {row["name"] for row in json.loads(proc.stdout)}
     assert {"qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"} <= names
+
+
+def test_generation_falls_back_when_native_kernels_cannot_build(tiny_dir: Path, tmp_path: Path) -> None:
+    args = ("generate", "hello", "--model", str(tiny_dir), "--max-new-tokens", "4", "--json")
+    native = lmforge(*args, cache=tmp_path / "a")
+    fallback = lmforge(*args, cache=tmp_path / "b", CC="/bin/false")
+    assert fallback.returncode == 0, fallback.stderr
+    assert fallback.stderr.count("native kernels unavailable") == 1
+    assert json.loads(fallback.stdout)["text"] == json.loads(native.stdout)["text"]

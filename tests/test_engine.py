@@ -153,3 +153,26 @@ def test_native_rms_norm_equals_torch() -> None:
         pytest.skip("native kernels unavailable here")
     x, w = torch.randn(3, 1, 200) * 4, torch.randn(200)
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (200,), w, 1e-6))
+
+
+def test_decode_step_compiles_with_native_kernels() -> None:
+    """The fast path's kernels are opaque custom ops to torch.compile: one graph, same logits as plain eager."""
+    from lmforge.fastpath import prepare_for_decode
+    from lmforge.model import KVCache, Positions
+    from tests.tiny import make_tiny_model
+
+    plain = make_tiny_model("qwen2-tiny")
+    fast = prepare_for_decode(copy.deepcopy(plain).requires_grad_(False))
+    ids = torch.randint(0, plain.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def run(model: Transformer, step: object) -> torch.Tensor:
+        cache = KVCache.allocate(plain.cfg, 2, 64, torch.float32, torch.device("cpu"))
+        outs = [model(ids, Positions.make(torch.arange(8)), cache, keep=-1)]
+        for i in range(8, 11):  # rows at different positions
+            outs.append(step(ids[:, i - 8 : i - 7], Positions.make(torch.tensor([[i], [i - 1]])), cache, keep=-1))
+        return torch.cat(outs, 1)
+
+    with torch.inference_mode():
+        expected = run(plain, plain)
+        got = run(fast, torch.compile(fast, fullgraph=True, dynamic=True))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
