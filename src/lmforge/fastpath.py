@@ -58,9 +58,10 @@ class DecodeRMSNorm(nn.Module):
 
 
 class DecodeAttention(nn.Module):
-    def __init__(self, attn: Attention) -> None:
+    def __init__(self, attn: Attention, rope_cos: Tensor, rope_sin: Tensor) -> None:
         super().__init__()
         self.n_heads, self.n_kv = attn.n_heads, attn.n_kv
+        self.rope_cos, self.rope_sin = rope_cos, rope_sin  # the model's (max_pos, D) tables: the kernel indexes them
         self.qkv_proj = DecodeLinear(attn.q_proj, attn.k_proj, attn.v_proj)
         self.o_proj = DecodeLinear(attn.o_proj)
         self.splits = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
@@ -69,11 +70,8 @@ class DecodeAttention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None
     ) -> Tensor:
         qkv = self.qkv_proj(x)
-        b, t, _ = x.shape
-        if t == 1 and cache is not None and at is not None and _native(x):
-            pos = at.pos.reshape(-1).expand(b).contiguous()  # (B,) each row's position
-            cos, sin = cos.reshape(-1, cos.shape[-1]).expand(b, -1), sin.reshape(-1, sin.shape[-1]).expand(b, -1)
-            args = (qkv, self.n_heads, self.n_kv, cos.contiguous(), sin.contiguous(), pos, *cache)
+        if x.shape[1] == 1 and cache is not None and at is not None and _native(x):
+            args = (qkv, self.n_heads, self.n_kv, self.rope_cos, self.rope_sin, at.pos, *cache)
             y = _run(kernels.decode_attention, kernels.decode_attention_op, *args)
         else:
             q, k, v = qkv.split(self.splits, dim=-1)
@@ -97,21 +95,19 @@ class DecodeMLP(nn.Module):
         return self.down_proj(h)
 
 
-SWAPS: dict[type[nn.Module], type[nn.Module]] = {
-    Attention: DecodeAttention,
-    MLP: DecodeMLP,
-    RMSNorm: DecodeRMSNorm,
-    nn.Linear: DecodeLinear,
-}
-
-
 def prepare_for_decode(model: Transformer) -> Transformer:
     """Swap layers in place when the native kernels can serve this model; otherwise leave it as it is."""
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32 or kernels.library() is None:
         return model
+    swaps = {
+        Attention: lambda m: DecodeAttention(m, model.rope_cos, model.rope_sin),
+        MLP: DecodeMLP,
+        RMSNorm: DecodeRMSNorm,
+        nn.Linear: DecodeLinear,
+    }
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) in SWAPS:
-                setattr(parent, name, SWAPS[type(child)](child))
+            if type(child) in swaps:
+                setattr(parent, name, swaps[type(child)](child))
     return model

@@ -85,7 +85,22 @@ def library() -> ctypes.CDLL | None:
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     lib.lmf_linear_f32.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, i32, i32]
     lib.lmf_rms_norm_f32.argtypes = [ptr, ptr, ptr, i32, i32, ctypes.c_float]
-    lib.lmf_decode_attention_f32.argtypes = [ptr, i32, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, i32, ptr, ctypes.c_float]
+    lib.lmf_decode_attention_f32.argtypes = [
+        ptr,
+        i32,
+        i32,
+        i32,
+        i32,
+        ptr,
+        ptr,
+        ptr,
+        i32,
+        ptr,
+        ptr,
+        i32,
+        ptr,
+        ctypes.c_float,
+    ]
     lib.lmf_silu_mul_f32.argtypes = [ptr, ptr, i32, i32]
     return lib
 
@@ -135,12 +150,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def decode_attention(
     qkv: Tensor, n_heads: int, n_kv: int, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor
 ) -> Tensor:
-    """One decode step of attention (see cpu.c): qkv (B, 1, (H + 2*Hkv) * D) is rotated in place with each row's
-    cos/sin (B, D), k/v are written into the caches (B, Hkv, max_len, D) at pos (B,) int64, and the attention
-    output (B, 1, H * D) is returned."""
+    """One decode step of attention (see cpu.c): qkv (B, 1, (H + 2*Hkv) * D) is rotated in place with the RoPE tables
+    cos/sin (max_pos, D) at each row's position, k/v are written into the caches (B, Hkv, max_len, D), and the
+    attention output (B, 1, H * D) is returned. pos: int64, (1,) shared by all rows or (B, 1) one per row."""
     lib = library()
     assert lib is not None
     b, d = qkv.shape[0], k_cache.shape[-1]
+    pos = pos.contiguous()
     out = torch.empty((b, 1, n_heads * d), dtype=qkv.dtype)
     lib.lmf_decode_attention_f32(
         qkv.data_ptr(),
@@ -151,6 +167,7 @@ def decode_attention(
         cos.data_ptr(),
         sin.data_ptr(),
         pos.data_ptr(),
+        int(pos.numel() > 1),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         k_cache.shape[2],

@@ -128,16 +128,20 @@ static void rope_head(float* x, const float* c, const float* s, int D) {
 
 /* One decode step of attention for B rows, one new token each, all in one call:
    qkv (B, (H + 2*Hkv) * D) holds each row's projected q | k | v (modified: RoPE applied in place);
-   RoPE with row b's cos/sin (B, D) at its position pos[b]; k and v stored into the caches (B, Hkv, max_len, D) at pos[b];
+   RoPE from the cos/sin tables (max_pos, D) at row b's position pos_in[b * pos_stride] (stride 0: all rows share
+   one position); k and v stored into the caches (B, Hkv, max_len, D) at pos[b];
    then each head attends over its row's positions [0, pos[b]] (grouped-query: head h reads kv head h / (H / Hkv)).
    out (B, H * D). Rows need not share a length, so no mask is ever built. */
 void lmf_decode_attention_f32(float* qkv, int B, int H, int Hkv, int D, const float* cos_t, const float* sin_t,
-                              const long* pos, float* k_cache, float* v_cache, int max_len, float* out, float scale) {
+                              const long* pos_in, int pos_stride, float* k_cache, float* v_cache, int max_len,
+                              float* out, float scale) {
+    long pos[B];
+    for (int b = 0; b < B; b++) pos[b] = pos_in[b * pos_stride];
     size_t width = (size_t)(H + 2 * Hkv) * D;
     for (int b = 0; b < B; b++) {
         float* row = qkv + b * width;
-        const float* c = cos_t + (size_t)b * D;
-        const float* s = sin_t + (size_t)b * D;
+        const float* c = cos_t + (size_t)pos[b] * D;
+        const float* s = sin_t + (size_t)pos[b] * D;
         for (int h = 0; h < H + Hkv; h++) rope_head(row + (size_t)h * D, c, s, D);
         for (int g = 0; g < Hkv; g++) {
             size_t at = (((size_t)b * Hkv + g) * max_len + pos[b]) * D;
