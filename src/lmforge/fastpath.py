@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge import kernels
-from lmforge.model import MLP, Attention, Positions, RMSNorm, Transformer, attend
+from lmforge.model import MLP, Attention, Block, Positions, RMSNorm, Transformer, attend
 
 
 def _native(x: Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() // x.shape[-1] <= kernels.MAX_ROWS
+    return x.is_cpu and x.dtype is torch.float32 and x.numel() <= kernels.MAX_ROWS * x.shape[-1]
 
 
 def _run(eager, op, *args):  # noqa: ANN001, ANN002, ANN202 - a kernel and its custom-op twin
@@ -95,19 +95,60 @@ class DecodeMLP(nn.Module):
         return self.down_proj(h)
 
 
+class DecodeBlock(nn.Module):
+    """A Transformer block whose one-token steps call every kernel directly into buffers it keeps.
+
+    A decode step of a small model is dozens of short products per layer, so Python and allocator overhead rival
+    the weight reads; here a layer is seven kernel calls and two in-place adds, with no module calls and no new
+    tensors. Other calls (prefill, torch.compile) take the general path through the swapped sub-layers.
+    """
+
+    def __init__(self, block: Block, rope_cos: Tensor, rope_sin: Tensor) -> None:
+        super().__init__()
+        self.input_layernorm = DecodeRMSNorm(block.input_layernorm)
+        self.self_attn = DecodeAttention(block.self_attn, rope_cos, rope_sin)
+        self.post_attention_layernorm = DecodeRMSNorm(block.post_attention_layernorm)
+        self.mlp = DecodeMLP(block.mlp)
+        self._scratch: dict[int, list[Tensor]] = {}  # batch size -> the step's intermediate buffers
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None
+    ) -> Tensor:
+        if x.shape[1] != 1 or cache is None or at is None or not _native(x) or torch.compiler.is_compiling():
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, at, cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        h, qkv, y, o, gate_up, act = self._scratch_for(x.shape[0])
+        attn, mlp = self.self_attn, self.mlp
+        kernels.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, out=h)
+        kernels.linear(h, attn.qkv_proj.plan, out=qkv)
+        kernels.decode_attention(qkv, attn.n_heads, attn.n_kv, attn.rope_cos, attn.rope_sin, at.pos, *cache, out=y)
+        x.add_(kernels.linear(y, attn.o_proj.plan, out=o))  # x is this step's own hidden state, never a view
+        kernels.rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, out=h)
+        kernels.silu_mul(kernels.linear(h, mlp.gate_up_proj.plan, out=gate_up), out=act)
+        return x.add_(kernels.linear(act, mlp.down_proj.plan, out=o))
+
+    def _scratch_for(self, batch: int) -> list[Tensor]:
+        if batch not in self._scratch:
+            attn, mlp = self.self_attn, self.mlp
+            widths = [
+                attn.qkv_proj.plan.in_features,  # normed hidden
+                attn.qkv_proj.plan.out_features,  # q|k|v
+                attn.o_proj.plan.in_features,  # attention output
+                attn.o_proj.plan.out_features,  # o_proj / down_proj output
+                mlp.gate_up_proj.plan.out_features,  # gate|up
+                mlp.down_proj.plan.in_features,  # silu(gate) * up
+            ]
+            self._scratch[batch] = [torch.empty(batch, 1, w) for w in widths]
+        return self._scratch[batch]
+
+
 def prepare_for_decode(model: Transformer) -> Transformer:
     """Swap layers in place when the native kernels can serve this model; otherwise leave it as it is."""
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32 or kernels.library() is None:
         return model
-    swaps = {
-        Attention: lambda m: DecodeAttention(m, model.rope_cos, model.rope_sin),
-        MLP: DecodeMLP,
-        RMSNorm: DecodeRMSNorm,
-        nn.Linear: DecodeLinear,
-    }
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in swaps:
-                setattr(parent, name, swaps[type(child)](child))
+    for i, block in enumerate(model.layers):
+        model.layers[i] = DecodeBlock(block, model.rope_cos, model.rope_sin)
+    model.norm = DecodeRMSNorm(model.norm)
+    model.lm_head = DecodeLinear(model.lm_head)
     return model

@@ -127,28 +127,39 @@ class LinearPlan:
         self._args = [ctypes.cast(a, ctypes.c_void_p) for a in self._arrays] + [count]
 
 
-def linear(x: Tensor, plan: LinearPlan) -> Tensor:
-    """x (..., K) @ the plan's stacked weights^T + biases, for at most MAX_ROWS rows of float32 on CPU."""
+def linear(x: Tensor, plan: LinearPlan, out: Tensor | None = None) -> Tensor:
+    """x (..., K) @ the plan's stacked weights^T + biases, for at most MAX_ROWS rows of float32 on CPU.
+
+    `out` (contiguous, the result's shape) is written and returned instead of a new tensor, as with every kernel here.
+    """
     lib = library()
     assert lib is not None
     x = x.contiguous()
-    y = torch.empty((*x.shape[:-1], plan.out_features), dtype=x.dtype)
+    y = torch.empty((*x.shape[:-1], plan.out_features), dtype=x.dtype) if out is None else out
     lib.lmf_linear_f32(x.data_ptr(), *plan._args, y.data_ptr(), x.numel() // plan.in_features, plan.in_features)
     return y
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
     lib = library()
     assert lib is not None
     x = x.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if out is None else out
     d = x.shape[-1]
     lib.lmf_rms_norm_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // d, d, eps)
     return y
 
 
 def decode_attention(
-    qkv: Tensor, n_heads: int, n_kv: int, cos: Tensor, sin: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor
+    qkv: Tensor,
+    n_heads: int,
+    n_kv: int,
+    cos: Tensor,
+    sin: Tensor,
+    pos: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    out: Tensor | None = None,
 ) -> Tensor:
     """One decode step of attention (see cpu.c): qkv (B, 1, (H + 2*Hkv) * D) is rotated in place with the RoPE tables
     cos/sin (max_pos, D) at each row's position, k/v are written into the caches (B, Hkv, max_len, D), and the
@@ -157,7 +168,7 @@ def decode_attention(
     assert lib is not None
     b, d = qkv.shape[0], k_cache.shape[-1]
     pos = pos.contiguous()
-    out = torch.empty((b, 1, n_heads * d), dtype=qkv.dtype)
+    out = torch.empty((b, 1, n_heads * d), dtype=qkv.dtype) if out is None else out
     lib.lmf_decode_attention_f32(
         qkv.data_ptr(),
         b,
@@ -177,12 +188,12 @@ def decode_attention(
     return out
 
 
-def silu_mul(gate_up: Tensor) -> Tensor:
+def silu_mul(gate_up: Tensor, out: Tensor | None = None) -> Tensor:
     """silu(gate) * up from the fused (..., 2 * I) gate|up projection."""
     lib = library()
     assert lib is not None
     i = gate_up.shape[-1] // 2
-    out = torch.empty((*gate_up.shape[:-1], i), dtype=gate_up.dtype)
+    out = torch.empty((*gate_up.shape[:-1], i), dtype=gate_up.dtype) if out is None else out
     lib.lmf_silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * i), i)
     return out
 
