@@ -114,3 +114,11 @@ def test_generation_falls_back_when_native_kernels_cannot_build(tiny_dir: Path, 
     assert fallback.returncode == 0, fallback.stderr
     assert fallback.stderr.count("native kernels unavailable") == 1
     assert json.loads(fallback.stdout)["text"] == json.loads(native.stdout)["text"]
+
+
+def test_chat_survives_a_message_over_the_context(tiny_dir: Path) -> None:
+    script = "你好 hello " * 60 + "\nhi\n/exit\n"
+    proc = lmforge("chat", "--model", str(tiny_dir), "--max-new-tokens", "4", "--max-context", "64", stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    assert "context is 64" in proc.stdout
+    assert len(re.findall(r"\d+ tokens · [\d.]+ tok/s", proc.stdout)) == 1  # the short message is still answered

@@ -10,6 +10,7 @@ This module does not load models or sample tokens itself.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 from rich.console import Console
@@ -80,37 +81,62 @@ def run_chat(engine: Engine, params: SamplingParams, system: str | None, model_n
             messages.append({"role": "assistant", "content": reply})
 
 
+class _ReplyView:
+    """Shows a reply as it grows: re-rendered as markdown on a terminal, written through as plain text elsewhere.
+
+    Markdown is re-parsed at most every RENDER_EVERY seconds: parsing the whole reply on every token would cost
+    more than decoding it.
+    """
+
+    RENDER_EVERY = 0.15
+
+    def __init__(self, console: Console, interactive: bool) -> None:
+        self.pieces: list[str] = []
+        self.live = Live(console=console, vertical_overflow="visible", auto_refresh=False) if interactive else None
+        self.rendered_at = 0.0
+        if self.live:
+            self.live.start()
+
+    def add(self, piece: str) -> None:
+        self.pieces.append(piece)
+        if self.live is None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        elif time.monotonic() - self.rendered_at > self.RENDER_EVERY:
+            self._render()
+
+    def close(self) -> str:
+        if self.live:
+            self._render()
+            self.live.stop()
+        return "".join(self.pieces)
+
+    def _render(self) -> None:
+        assert self.live is not None
+        self.live.update(Markdown("".join(self.pieces)), refresh=True)
+        self.rendered_at = time.monotonic()
+
+
 def _answer(
     engine: Engine, messages: list[dict[str, str]], params: SamplingParams, console: Console, interactive: bool
 ) -> str | None:
     """Stream one reply; return its text, or None if nothing was produced (the turn is then dropped)."""
     stats = Stats()
-    pieces: list[str] = []
-    # On a terminal the growing reply is re-rendered as markdown; elsewhere it is written through as plain text.
-    show: Callable[[str], None] = lambda piece: (sys.stdout.write(piece), sys.stdout.flush())  # noqa: E731
-    live = (
-        Live(Markdown(""), console=console, refresh_per_second=10, vertical_overflow="visible") if interactive else None
-    )
+    view = _ReplyView(console, interactive)
     try:
-        prompt = engine.tokenizer.render_chat(messages, add_generation_prompt=True)
-        ids = engine.tokenizer.encode(prompt)
-        if live:
-            live.start()
-            show = lambda _: live.update(Markdown("".join(pieces)))  # noqa: E731
+        ids = engine.tokenizer.encode(engine.tokenizer.render_chat(messages, add_generation_prompt=True))
         for piece in engine.stream(ids, params, stats):
-            pieces.append(piece)
-            show(piece)
+            view.add(piece)
     except KeyboardInterrupt:
         engine.reset()  # the cache holds a reply we are discarding
         console.print("\n[dim](interrupted)[/dim]")
     except LmforgeError as e:
+        view.close()
         console.print(f"\n[red]{e}[/red]")
         return None
-    finally:
-        if live:
-            live.stop()
+    text = view.close()
     console.print(
         f"\n[dim]{stats.completion_tokens} tokens · {stats.decode_tps:.1f} tok/s · "
         f"prompt {stats.prompt_tokens - stats.cached_tokens} new tokens at {stats.prefill_tps:.0f} tok/s[/dim]"
     )
-    return "".join(pieces) or None
+    return text or None
