@@ -59,36 +59,12 @@ class ModelConfig:
 
 
 # Named presets for tests and from-scratch training. Real models get their config from their files.
+_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2)
 PRESETS: dict[str, ModelConfig] = {
-    "llama-tiny": ModelConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=256,
-        tie_embeddings=True,
-    ),
-    "qwen2-tiny": ModelConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=160,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        max_seq_len=256,
-        rope_theta=1e6,
-        qkv_bias=True,
-        norm_eps=1e-6,
-    ),
+    "llama-tiny": ModelConfig(**_TINY, max_seq_len=256, tie_embeddings=True),
+    "qwen2-tiny": ModelConfig(**_TINY, max_seq_len=256, rope_theta=1e6, qkv_bias=True, norm_eps=1e-6),
     "llama-17m": ModelConfig(
-        vocab_size=8192,
-        hidden_size=384,
-        intermediate_size=1024,
-        num_layers=6,
-        num_heads=6,
-        num_kv_heads=6,
+        vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6,
         max_seq_len=1024,
     ),
 }
