@@ -105,6 +105,9 @@ def test_models_lists_the_catalog_offline(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     names = {row["name"] for row in json.loads(proc.stdout)}
     assert {"qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"} <= names
+    table = lmforge("models", cache=tmp_path, COLUMNS="160")
+    assert table.returncode == 0, table.stderr
+    assert "qwen2.5-coder-0.5b-instruct (default)" in table.stdout and "MiB" in table.stdout
 
 
 def test_generation_falls_back_when_native_kernels_cannot_build(tiny_dir: Path, tmp_path: Path) -> None:

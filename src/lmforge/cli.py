@@ -112,15 +112,12 @@ def cmd_models(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
-    table = Table("name", "cached", "size", "description")
+    table = Table("name", "cached", "on disk / download", "description")
     for r in rows:
-        size = f"{r['size_bytes'] / 2**20:,.0f} MiB" if r.get("size_bytes") else ""
-        table.add_row(
-            r["name"] + (" (default)" if r.get("default") else ""),
-            "yes" if r["cached"] else "no",
-            size,
-            r.get("description", ""),
-        )
+        size = r.get("disk_bytes") if r["cached"] else r.get("download_bytes")
+        shown = f"{size / 2**20:,.0f} MiB" if size else ""
+        name = r["name"] + (" (default)" if r.get("default") else "")
+        table.add_row(name, "yes" if r["cached"] else "no", shown, r.get("description", ""))
     Console().print(table)
 
 
