@@ -22,7 +22,7 @@ from lmforge.errors import LmforgeError
 from lmforge.fastpath import prepare_for_decode
 from lmforge.model import KVCache, Positions, Transformer
 from lmforge.sampling import SamplingParams, sample
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
 
@@ -62,7 +62,7 @@ class TextStream:
     text: str = ""  # everything decoded so far
     emitted: int = 0  # characters of `text` already handed out
     stopped: bool = False
-    _decoder: object = field(init=False)
+    _decoder: StreamDecoder = field(init=False)
 
     def __post_init__(self) -> None:
         self._decoder = self.tokenizer.stream_decoder()
