@@ -48,15 +48,6 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def num_params(self) -> int:
-        """Parameter count, counting a tied embedding once."""
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        q = self.num_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0)
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
-        head = 0 if self.tie_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * layer + h + head
-
 
 # Named presets for tests and from-scratch training. Real models get their config from their files.
 _TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2)

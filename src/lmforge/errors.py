@@ -11,10 +11,3 @@ from __future__ import annotations
 class LmforgeError(Exception):
     """A problem the user can fix; the message says what, where, and what to do."""
 
-
-def require_extra(module: str, extra: str) -> None:
-    """Import check for optional dependencies, naming the extra that provides them."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise LmforgeError(f"this needs the Python package {module!r}: pip install 'lmforge[{extra}]'")
