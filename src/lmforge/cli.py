@@ -43,14 +43,19 @@ def _sampling(args: argparse.Namespace):  # noqa: ANN202 - imported lazily
     )
 
 
-def _engine(args: argparse.Namespace):  # noqa: ANN202
-    from lmforge.catalog import resolve_model
-    from lmforge.checkpoint import load_checkpoint
-    from lmforge.engine import Engine
+def _add_model(p: argparse.ArgumentParser) -> None:
+    """--model, --quant and --adapter: the flags every command that runs a model shares (see loader.open_model)."""
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--quant", default=None, help="quantize on load: int8 or int4 (optionally :g32|:g64|:g128)")
+    p.add_argument("--adapter", default=None, help="a LoRA / P-Tuning v2 adapter directory to apply on top")
 
-    directory = resolve_model(args.model)
-    model, tokenizer = load_checkpoint(directory)
-    return Engine(model, tokenizer, max_len=args.max_context), directory
+
+def _engine(args: argparse.Namespace):  # noqa: ANN202
+    from lmforge.engine import Engine
+    from lmforge.loader import open_model
+
+    loaded = open_model(args.model, args.quant, args.adapter)
+    return Engine(loaded.model, loaded.tokenizer, max_len=args.max_context), loaded.directory
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -134,14 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_model(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, temperature=0.7, top_p=0.9)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="complete one prompt")
     p.add_argument("prompt", help="the prompt text, or - to read it from standard input")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
+    _add_model(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text, counts and speeds")
