@@ -35,6 +35,7 @@ from lmforge.model import Transformer
 from lmforge.progress import byte_progress
 
 if TYPE_CHECKING:
+    from lmforge.quant import QuantScheme
     from lmforge.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -108,7 +109,9 @@ def save_checkpoint(
     tokenizer: Tokenizer | None,
     lineage: dict,
     generation: dict | None = None,
+    quantization: dict | None = None,
 ) -> None:
+    """`quantization`: a quantized model's scheme (lmforge.quant.QuantScheme.to_config), kept in config.json."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -125,6 +128,8 @@ def save_checkpoint(
     if embed is not None:
         hf["torch_dtype"] = _dtype_name(embed.dtype)
     hf["lmforge"] = cfg.to_dict()
+    if quantization:
+        hf["quantization_config"] = quantization
     eos = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else (cfg.eos_token_ids or None)
     gen: dict[str, Any] = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, **(generation or {})}
     # transformers warns about sampling settings that are ignored unless do_sample is on.
@@ -152,6 +157,15 @@ def read_config(directory: Path) -> ModelConfig:
         raise LmforgeError(f"{path}: not valid JSON ({e}); restore or re-create the checkpoint") from None
     # Our own sub-dict is the full truth; a directory from transformers has only the HF fields.
     return ModelConfig.from_dict(d["lmforge"]) if "lmforge" in d else from_hf_config(d, source=str(path))
+
+
+def read_quantization(directory: Path) -> QuantScheme | None:
+    """The scheme of a quantized checkpoint (config.json's quantization_config), None for a float one."""
+    from lmforge.quant import QuantScheme
+
+    path = Path(directory) / "config.json"
+    d = json.loads(path.read_text(encoding="utf-8")).get("quantization_config")
+    return None if d is None else QuantScheme.from_config(d, source=str(path))
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -230,13 +244,20 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device: str 
     if not directory.is_dir():
         raise LmforgeError(f"{directory}: not a directory; pass a checkpoint directory (lmforge convert makes one)")
     cfg = read_config(directory)
+    scheme = read_quantization(directory)
     files = weight_files(directory)
     tensors, origin = _read_tensors(files)
 
     with _no_init():
         model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
+    if scheme is not None:
+        from lmforge.quant import make_quantized
+
+        make_quantized(model, scheme)
+    skeleton = model.state_dict()
+    expected = {k: v.shape for k, v in skeleton.items()}
+    tied = cfg.tie_embeddings and "lm_head.weight" in skeleton  # a quantized head is its own tensor
+    if tied:
         expected.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)  # some exporters store the tied copy too; it is the embedding
     where = files[0] if len(files) == 1 else directory
@@ -259,10 +280,14 @@ def load_model(directory: Path, dtype: torch.dtype = torch.float32, device: str 
                 f"{origin[name]}: tensor {_hf_key(name)} has shape {tuple(tensors[name].shape)}, config.json "
                 f"implies {tuple(shape)}; the weights and config do not belong together"
             )
-    # .to() returns the mmapped tensor itself when dtype and device already match: no copy.
-    state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in tensors.items()}
+    # .to() returns the mmapped tensor itself when dtype and device already match: no copy. Float weights take the
+    # requested dtype; packed weights and their fp16 scales keep the dtype the quantized layers are built with.
+    state = {
+        k: v.to(device=device, dtype=dtype if skeleton[k].dtype == torch.float32 else skeleton[k].dtype)
+        for k, v in tensors.items()
+    }
     model.load_state_dict(state, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if tied:
         model.lm_head.weight = model.embed_tokens.weight
     # Non-persistent buffers are not in the file: the ones built above follow the weights' device and dtype.
     model.rope_cos = model.rope_cos.to(device=device, dtype=dtype)
@@ -282,7 +307,7 @@ def load_checkpoint(
 # --- convert ----------------------------------------------------------------------------------------------------
 
 
-def _generation_defaults(directory: Path) -> dict | None:
+def generation_defaults(directory: Path) -> dict | None:
     """Sampling defaults of a source directory, without transformers' bookkeeping keys and the ids we rewrite."""
     path = directory / "generation_config.json"
     if not path.is_file():
@@ -306,7 +331,9 @@ def convert(src: str | Path, out: Path, progress: bool = True) -> Path:
         model, tokenizer = load_checkpoint(src)
         hashes = {p.name: sha256_with_progress(p, "hashing", progress) for p in weight_files(src)}
         lineage = make_lineage(str(src.resolve()), parent=read_lineage(src), kind="checkpoint", source_files=hashes)
-        save_checkpoint(out, model.cfg, model.state_dict(), tokenizer, lineage, _generation_defaults(src))
+        scheme = read_quantization(src)
+        quantization = None if scheme is None else scheme.to_config()
+        save_checkpoint(out, model.cfg, model.state_dict(), tokenizer, lineage, generation_defaults(src), quantization)
     elif src.exists():
         raise LmforgeError(f"{src}: cannot convert this file; give a .gguf file or a model directory")
     else:

@@ -6,7 +6,7 @@ each computed by one kernel call that streams their matrices as if stacked, and 
 (RoPE, cache write, grouped-query attention over each row's own length) is one kernel call. Where the kernels do
 not apply they fall back to PyTorch's ops: more rows than a GEMV (prefill, which MKL's GEMM handles well), other
 dtypes or devices. Without a native library the model is left as it is.
-Training never sees these layers; quantized layers (a later stage) are swapped in the same way.
+Quantized linears (lmforge.quant) stack the same way and run the INT8/INT4 kernels. Training never sees these layers.
 """
 
 from __future__ import annotations
@@ -29,21 +29,48 @@ def _run(eager, op, *args):  # noqa: ANN001, ANN002, ANN202 - a kernel and its c
 
 
 class DecodeLinear(nn.Module):
-    """One or more linears that read the same input (q|k|v, gate|up), computed as one stacked product."""
+    """One or more linears that read the same input (q|k|v, gate|up), computed as one stacked product.
 
-    def __init__(self, *linears: nn.Linear) -> None:
+    Float and quantized (lmforge.quant.QuantLinear) linears both stack, when all of one kind and scheme. Anything
+    else (a LoRA-wrapped layer, mixed kinds) has no plan and runs each module's own forward.
+    """
+
+    def __init__(self, *linears: nn.Module) -> None:
         super().__init__()
-        self.weights = [lin.weight.detach() for lin in linears]  # the same tensors: no copy; a tied head stays tied
-        self.biases = [None if lin.bias is None else lin.bias.detach() for lin in linears]
-        self.plan = kernels.LinearPlan(self.weights, self.biases)
+        self.linears = list(linears)  # a plain list: the model already owns these modules (a tied head stays tied)
+        self.plan = _plan(self.linears)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _native(x):
-            outs = [F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)]
+        if self.plan is None or not _native(x):
+            outs = [lin(x) for lin in self.linears]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if torch.compiler.is_compiling():
-            return kernels.linear_op(x, self.weights, self.biases)
+            return _compiled_linear(x, self.linears)
         return kernels.linear(x, self.plan)
+
+
+def _plan(linears: list[nn.Module]) -> kernels.LinearPlan | kernels.QuantPlan | None:
+    from lmforge.quant import QuantLinear
+
+    if all(type(lin) is nn.Linear for lin in linears):
+        weights = [lin.weight.detach() for lin in linears]
+        return kernels.LinearPlan(weights, [None if lin.bias is None else lin.bias.detach() for lin in linears])
+    if all(isinstance(lin, QuantLinear) for lin in linears):
+        schemes = {(lin.bits, lin.group_size) for lin in linears}
+        if len(schemes) == 1:
+            bits, group = schemes.pop()
+            tensors = [[getattr(lin, n) for lin in linears] for n in ("qweight", "scales", "mins", "bias")]
+            return kernels.QuantPlan(*tensors, bits, group)
+    return None
+
+
+def _compiled_linear(x: Tensor, linears: list[nn.Module]) -> Tensor:
+    """The stacked product as one opaque custom op, for torch.compile."""
+    biases = [lin.bias for lin in linears]
+    if type(linears[0]) is nn.Linear:
+        return kernels.linear_op(x, [lin.weight for lin in linears], biases)
+    qweights, scales, mins = ([getattr(lin, n) for lin in linears] for n in ("qweight", "scales", "mins"))
+    return kernels.linear_q_op(x, qweights, scales, mins, biases, linears[0].bits, linears[0].group_size)
 
 
 class DecodeRMSNorm(nn.Module):
@@ -109,12 +136,21 @@ class DecodeBlock(nn.Module):
         self.self_attn = DecodeAttention(block.self_attn, rope_cos, rope_sin)
         self.post_attention_layernorm = DecodeRMSNorm(block.post_attention_layernorm)
         self.mlp = DecodeMLP(block.mlp)
+        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        self._planned = all(lin.plan is not None for lin in linears)
         self._scratch: dict[int, list[Tensor]] = {}  # batch size -> the step's intermediate buffers
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None
     ) -> Tensor:
-        if x.shape[1] != 1 or cache is None or at is None or not _native(x) or torch.compiler.is_compiling():
+        if (
+            x.shape[1] != 1
+            or cache is None
+            or at is None
+            or not _native(x)
+            or torch.compiler.is_compiling()
+            or not self._planned
+        ):
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, at, cache)
             return x + self.mlp(self.post_attention_layernorm(x))
         h, qkv, y, o, gate_up, act = self._scratch_for(x.shape[0])

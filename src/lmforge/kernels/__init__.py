@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("cpu.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu.c", "quant.c", "simd.h")]
 MAX_ROWS = 8  # lmf_linear_f32 handles at most this many activation rows; more rows are a GEMM for MKL
 
 
@@ -43,8 +43,9 @@ def _cpu_flags() -> set[str]:
 def _compile_flags() -> list[str]:
     # -ffast-math: lets reductions vectorize and expf use glibc's vector versions; cpu.c avoids inf/nan on purpose.
     flags = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
-    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= _cpu_flags():
-        flags += ["-mavx2", "-mfma"]
+    cpu = _cpu_flags()
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= cpu:
+        flags += ["-mavx2", "-mfma"] + (["-mf16c"] if "f16c" in cpu else [])
     return flags
 
 
@@ -56,7 +57,8 @@ def _build(compiler: str, flags: list[str], out: Path) -> None:
     from lmforge.fileio import atomic_path
 
     with atomic_path(out) as tmp:
-        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        sources = [str(p) for p in SOURCES if p.suffix == ".c"]
+        proc = subprocess.run([compiler, *flags, *sources, "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
 
@@ -73,7 +75,8 @@ def library() -> ctypes.CDLL | None:
     from lmforge.catalog import cache_dir
 
     flags = _compile_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, platform.machine()]).encode()).hexdigest()
+    text = b"".join(p.read_bytes() for p in SOURCES) + " ".join([compiler, *flags, platform.machine()]).encode()
+    key = hashlib.sha256(text).hexdigest()
     out = cache_dir() / "kernels" / f"liblmforge_cpu-{key[:16]}.so"
     try:
         if not out.exists():
@@ -102,6 +105,8 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_float,
     ]
     lib.lmf_silu_mul_f32.argtypes = [ptr, ptr, i32, i32]
+    lib.lmf_linear_q.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, ptr, i32, i32]
+    lib.lmf_dequant_q.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, ptr]
     return lib
 
 
@@ -126,8 +131,37 @@ class LinearPlan:
         )
         self._args = [ctypes.cast(a, ctypes.c_void_p) for a in self._arrays] + [count]
 
+    function = "lmf_linear_f32"
 
-def linear(x: Tensor, plan: LinearPlan, out: Tensor | None = None) -> Tensor:
+
+class QuantPlan:
+    """Like LinearPlan, for quantized matrices of one scheme (see quant.c for the layout): packed weights (N_i, ...),
+    fp16 scales (N_i, K / group), fp16 INT4 offsets (None for INT8) and optional float biases."""
+
+    function = "lmf_linear_q"
+
+    def __init__(
+        self,
+        qweights: list[Tensor],
+        scales: list[Tensor],
+        mins: list[Tensor | None],
+        biases: list[Tensor | None],
+        bits: int,
+        group: int,
+    ) -> None:
+        self.tensors = (qweights, scales, mins, biases)  # kept alive: the kernel reads them through raw pointers
+        self.out_features = sum(q.shape[0] for q in qweights)
+        self.in_features = scales[0].shape[1] * group
+        count = len(qweights)
+
+        def pointers(ts: list[Tensor | None]) -> ctypes.Array:
+            return (ctypes.c_void_p * count)(*[None if t is None else t.data_ptr() for t in ts])
+
+        self._arrays = (*map(pointers, self.tensors), (ctypes.c_int * count)(*[q.shape[0] for q in qweights]))
+        self._args = [ctypes.cast(a, ctypes.c_void_p) for a in self._arrays] + [count, bits, group]
+
+
+def linear(x: Tensor, plan: LinearPlan | QuantPlan, out: Tensor | None = None) -> Tensor:
     """x (..., K) @ the plan's stacked weights^T + biases, for at most MAX_ROWS rows of float32 on CPU.
 
     `out` (contiguous, the result's shape) is written and returned instead of a new tensor, as with every kernel here.
@@ -136,8 +170,28 @@ def linear(x: Tensor, plan: LinearPlan, out: Tensor | None = None) -> Tensor:
     assert lib is not None
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], plan.out_features), dtype=x.dtype) if out is None else out
-    lib.lmf_linear_f32(x.data_ptr(), *plan._args, y.data_ptr(), x.numel() // plan.in_features, plan.in_features)
+    kernel = getattr(lib, plan.function)
+    kernel(x.data_ptr(), *plan._args, y.data_ptr(), x.numel() // plan.in_features, plan.in_features)
     return y
+
+
+def dequantize(qweight: Tensor, scales: Tensor, mins: Tensor | None, bits: int, group: int) -> Tensor:
+    """The float32 (N, K) matrix that a quantized weight stands for (see quant.c for the layout)."""
+    lib = library()
+    assert lib is not None
+    n, k = scales.shape[0], scales.shape[1] * group
+    out = torch.empty(n, k)
+    lib.lmf_dequant_q(
+        qweight.data_ptr(),
+        scales.data_ptr(),
+        None if mins is None else mins.data_ptr(),
+        bits,
+        group,
+        n,
+        k,
+        out.data_ptr(),
+    )
+    return out
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> Tensor:
@@ -239,3 +293,29 @@ def silu_mul_op(gate_up: Tensor) -> Tensor:
 @silu_mul_op.register_fake
 def _(gate_up: Tensor) -> Tensor:
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("lmforge::linear_q", mutates_args=())
+def linear_q_op(
+    x: Tensor,
+    qweights: list[Tensor],
+    scales: list[Tensor],
+    mins: list[Tensor | None],
+    biases: list[Tensor | None],
+    bits: int,
+    group: int,
+) -> Tensor:
+    return linear(x, QuantPlan(qweights, scales, mins, biases, bits, group))
+
+
+@linear_q_op.register_fake
+def _(
+    x: Tensor,
+    qweights: list[Tensor],
+    scales: list[Tensor],
+    mins: list[Tensor | None],
+    biases: list[Tensor | None],
+    bits: int,
+    group: int,
+) -> Tensor:
+    return x.new_empty((*x.shape[:-1], sum(q.shape[0] for q in qweights)))

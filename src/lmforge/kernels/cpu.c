@@ -10,9 +10,8 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
+
+#include "simd.h"
 
 /* Below this many weight elements a product is too small to be worth waking a second thread. */
 #define PARALLEL_MIN 65536
@@ -20,13 +19,6 @@
 #define K_TILE 512
 
 #ifdef __AVX2__
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
-
 /* out[r] += dot(w + r*K, x) over k in [k0, k1) for r < 4, k0 and k1 multiples of 8. */
 static inline void dot4(const float* w, const float* x, size_t K, size_t k0, size_t k1, float out[4]) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();

@@ -1,0 +1,90 @@
+"""Group-wise weight quantization: round-to-nearest, packing into the kernels' layout, and back to float.
+
+The layout is the one `kernels/quant.c` documents (and GGUF's Q8_0 / Q4_1 blocks share for group 32):
+INT8 is symmetric (w = d q, q in -127..127); INT4 is asymmetric (w = d q + m, q in 0..15), with the 32 weights of
+a block stored as 16 bytes, weight i in the low nibble of byte i and weight i + 16 in its high nibble. Scales and
+offsets are fp16, one per group. Calibrated rounding (GPTQ) lives in gptq.py and packs through here too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmforge.errors import LmforgeError
+
+BLOCK = 32  # the kernels' block along K; every group size is a multiple of it
+
+
+@dataclass
+class Packed:
+    qweight: Tensor  # INT8: int8 (N, K); INT4: uint8 (N, K / 2)
+    scales: Tensor  # float16 (N, K / group)
+    mins: Tensor | None  # float16 (N, K / group) for INT4, None for INT8
+
+
+def check_shape(name: str, out_features: int, in_features: int, group: int) -> None:
+    if in_features % group:
+        raise LmforgeError(
+            f"{name}: input dimension {in_features} is not a multiple of the group size {group}; "
+            f"choose a group size that divides it (32 divides every dimension the catalog models use)"
+        )
+
+
+def int4_grid(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Per-group fp16 scale and offset (N, K / group) spanning each group's [min, max]: w (N, K) float."""
+    g = w.float().reshape(w.shape[0], -1, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    return ((hi - lo) / 15).half(), lo.half()
+
+
+def int8_grid(w: Tensor, group: int) -> Tensor:
+    """Per-group fp16 scale (N, K / group) mapping each group's largest magnitude to 127."""
+    return (w.float().reshape(w.shape[0], -1, group).abs().amax(-1) / 127).half()
+
+
+def round_to_grid(w: Tensor, scales: Tensor, mins: Tensor | None, group: int) -> Tensor:
+    """Integer codes of w (N, K) on a given grid: INT4 (mins given) 0..15, INT8 -127..127; int16 (N, K)."""
+    d = scales.float().repeat_interleave(group, dim=1)
+    safe = torch.where(d > 0, d, torch.ones_like(d))  # an all-equal group has d = 0: every code is then 0
+    if mins is None:
+        return torch.round(w.float() / safe).clamp(-127, 127).to(torch.int16)
+    m = mins.float().repeat_interleave(group, dim=1)
+    return torch.round((w.float() - m) / safe).clamp(0, 15).to(torch.int16)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """int16 codes (N, K) into the stored form: int8 (N, K) or nibble pairs uint8 (N, K / 2)."""
+    if bits == 8:
+        return codes.to(torch.int8)
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).reshape(n, k // BLOCK, 2, BLOCK // 2)  # weights 0..15 | 16..31 of each block
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_codes(qweight: Tensor, bits: int) -> Tensor:
+    """The stored form back to integer codes (N, K), int16."""
+    if bits == 8:
+        return qweight.to(torch.int16)
+    n = qweight.shape[0]
+    blocks = qweight.reshape(n, -1, BLOCK // 2)
+    return torch.stack([blocks & 0x0F, blocks >> 4], dim=2).reshape(n, -1).to(torch.int16)
+
+
+def quantize_rtn(w: Tensor, bits: int, group: int) -> Packed:
+    """Round-to-nearest on each group's own range."""
+    if bits == 8:
+        scales = int8_grid(w, group)
+        return Packed(pack_codes(round_to_grid(w, scales, None, group), 8), scales, None)
+    scales, mins = int4_grid(w, group)
+    return Packed(pack_codes(round_to_grid(w, scales, mins, group), 4), scales, mins)
+
+
+def dequantize(p: Packed, bits: int, group: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (N, K) matrix a packed weight stands for, with PyTorch ops (any device)."""
+    w = unpack_codes(p.qweight, bits).to(dtype) * p.scales.to(dtype).repeat_interleave(group, dim=1)
+    if p.mins is not None:
+        w += p.mins.to(dtype).repeat_interleave(group, dim=1)
+    return w
