@@ -73,10 +73,12 @@ def test_kernel_matches_float_product_of_the_same_weights(bits: int, rows: int) 
     x = torch.randn(rows, 256)
     with torch.no_grad():
         fast = layer(x)  # native kernel: activations rounded to int8 per 32-block, as llama.cpp does
-        many = layer(x.repeat(9, 1))[:rows]  # more rows than a GEMV: expanded weights, float GEMM
+        turns = layer(x.repeat(7, 1))[:rows]  # a batched decode step: the kernel, 8 rows a call
+        many = layer(x.repeat(40, 1))[:rows]  # prefill-sized: expanded weights, float GEMM
     exact = x @ pack.dequantize(p, bits, 64).T + bias
     torch.testing.assert_close(many, exact, rtol=1e-5, atol=1e-5)
     assert (fast - exact).norm() / exact.norm() < 0.01
+    torch.testing.assert_close(turns, fast, rtol=1e-5, atol=1e-5)
     assert torch.equal(kernels.dequantize(p.qweight, p.scales, p.mins, bits, 64), pack.dequantize(p, bits, 64))
 
 

@@ -123,11 +123,11 @@ class DecodeMLP(nn.Module):
 
 
 class DecodeBlock(nn.Module):
-    """A Transformer block whose one-token steps call every kernel directly into buffers it keeps.
+    """A Transformer block whose one-token steps are one native call (kernels.decode_layer, layer.c).
 
-    A decode step of a small model is dozens of short products per layer, so Python and allocator overhead rival
-    the weight reads; here a layer is seven kernel calls and two in-place adds, with no module calls and no new
-    tensors. Other calls (prefill, torch.compile) take the general path through the swapped sub-layers.
+    A decode step of a small model is dozens of short products per layer, so Python overhead and thread
+    start-ups rival the weight reads; here a layer is one call into buffers it keeps, with no module calls and no
+    new tensors. Other calls (prefill, torch.compile) take the general path through the swapped sub-layers.
     """
 
     def __init__(self, block: Block, rope_cos: Tensor, rope_sin: Tensor) -> None:
@@ -138,7 +138,7 @@ class DecodeBlock(nn.Module):
         self.mlp = DecodeMLP(block.mlp)
         linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
         self._planned = all(lin.plan is not None for lin in linears)
-        self._scratch: dict[int, list[Tensor]] = {}  # batch size -> the step's intermediate buffers
+        self._layers: dict[int, kernels.LayerPlan] = {}  # batch size -> the native layer with its buffers
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None
@@ -153,29 +153,20 @@ class DecodeBlock(nn.Module):
         ):
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, at, cache)
             return x + self.mlp(self.post_attention_layernorm(x))
-        h, qkv, y, o, gate_up, act = self._scratch_for(x.shape[0])
-        attn, mlp = self.self_attn, self.mlp
-        kernels.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps, out=h)
-        kernels.linear(h, attn.qkv_proj.plan, out=qkv)
-        kernels.decode_attention(qkv, attn.n_heads, attn.n_kv, attn.rope_cos, attn.rope_sin, at.pos, *cache, out=y)
-        x.add_(kernels.linear(y, attn.o_proj.plan, out=o))  # x is this step's own hidden state, never a view
-        kernels.rms_norm(x, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, out=h)
-        kernels.silu_mul(kernels.linear(h, mlp.gate_up_proj.plan, out=gate_up), out=act)
-        return x.add_(kernels.linear(act, mlp.down_proj.plan, out=o))
+        return kernels.decode_layer(self._layer_for(x.shape[0]), x, at.pos, *cache)
 
-    def _scratch_for(self, batch: int) -> list[Tensor]:
-        if batch not in self._scratch:
+    def _layer_for(self, batch: int) -> kernels.LayerPlan:
+        if batch not in self._layers:
             attn, mlp = self.self_attn, self.mlp
-            widths = [
-                attn.qkv_proj.plan.in_features,  # normed hidden
-                attn.qkv_proj.plan.out_features,  # q|k|v
-                attn.o_proj.plan.in_features,  # attention output
-                attn.o_proj.plan.out_features,  # o_proj / down_proj output
-                mlp.gate_up_proj.plan.out_features,  # gate|up
-                mlp.down_proj.plan.in_features,  # silu(gate) * up
-            ]
-            self._scratch[batch] = [torch.empty(batch, 1, w) for w in widths]
-        return self._scratch[batch]
+            self._layers[batch] = kernels.LayerPlan(
+                (self.input_layernorm.weight, self.post_attention_layernorm.weight),
+                self.input_layernorm.eps,
+                (attn.n_heads, attn.n_kv, attn.rope_cos.shape[-1]),
+                (attn.qkv_proj.plan, attn.o_proj.plan, mlp.gate_up_proj.plan, mlp.down_proj.plan),
+                (attn.rope_cos, attn.rope_sin),
+                batch,
+            )
+        return self._layers[batch]
 
 
 def prepare_for_decode(model: Transformer) -> Transformer:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCES = [Path(__file__).with_name(n) for n in ("cpu.c", "quant.c", "simd.h")]
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu.c", "quant.c", "layer.c", "kernels.h", "simd.h")]
 MAX_ROWS = 8  # lmf_linear_f32 handles at most this many activation rows; more rows are a GEMM for MKL
 
 
@@ -107,7 +107,28 @@ def library() -> ctypes.CDLL | None:
     lib.lmf_silu_mul_f32.argtypes = [ptr, ptr, i32, i32]
     lib.lmf_linear_q.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, ptr, i32, i32]
     lib.lmf_dequant_q.argtypes = [ptr, ptr, ptr, i32, i32, i32, i32, ptr]
+    lib.lmf_decode_layer.argtypes = [ptr, ptr, i32, i32, ptr, i32, ptr, ptr, i32]
     return lib
+
+
+class _Mat(ctypes.Structure):  # kernels.h: Mat
+    _fields_ = [(n, ctypes.c_int) for n in ("bits", "group", "count", "in_features")] + [
+        (n, ctypes.c_void_p) for n in ("ws", "ds", "ms", "biases", "ns")
+    ]
+
+
+class _Layer(ctypes.Structure):  # kernels.h: Layer
+    _fields_ = [
+        ("norm1", ctypes.c_void_p),
+        ("norm2", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        *[(n, ctypes.c_int) for n in ("H", "Hkv", "D", "I")],
+        *[(n, _Mat) for n in ("qkv", "o", "gate_up", "down")],
+        *[
+            (n, ctypes.c_void_p)
+            for n in ("cos_t", "sin_t", "h", "qkv_out", "y", "o_out", "gu", "act", "xq", "xd", "xs")
+        ],
+    ]
 
 
 class LinearPlan:
@@ -132,6 +153,10 @@ class LinearPlan:
         self._args = [ctypes.cast(a, ctypes.c_void_p) for a in self._arrays] + [count]
 
     function = "lmf_linear_f32"
+
+    def mat(self) -> _Mat:
+        ws, biases, ns = self._args[:3]
+        return _Mat(32, 0, self._args[3], self.in_features, ws, None, None, biases, ns)
 
 
 class QuantPlan:
@@ -160,9 +185,13 @@ class QuantPlan:
         self._arrays = (*map(pointers, self.tensors), (ctypes.c_int * count)(*[q.shape[0] for q in qweights]))
         self._args = [ctypes.cast(a, ctypes.c_void_p) for a in self._arrays] + [count, bits, group]
 
+    def mat(self) -> _Mat:
+        qs, ds, ms, biases, ns, count, bits, group = self._args
+        return _Mat(bits, group, count, self.in_features, qs, ds, ms, biases, ns)
+
 
 def linear(x: Tensor, plan: LinearPlan | QuantPlan, out: Tensor | None = None) -> Tensor:
-    """x (..., K) @ the plan's stacked weights^T + biases, for at most MAX_ROWS rows of float32 on CPU.
+    """x (..., K) @ the plan's stacked weights^T + biases, float32 on CPU, MAX_ROWS rows per kernel call.
 
     `out` (contiguous, the result's shape) is written and returned instead of a new tensor, as with every kernel here.
     """
@@ -171,8 +200,64 @@ def linear(x: Tensor, plan: LinearPlan | QuantPlan, out: Tensor | None = None) -
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], plan.out_features), dtype=x.dtype) if out is None else out
     kernel = getattr(lib, plan.function)
-    kernel(x.data_ptr(), *plan._args, y.data_ptr(), x.numel() // plan.in_features, plan.in_features)
+    rows, k, n = x.numel() // plan.in_features, plan.in_features, plan.out_features
+    for lo in range(0, rows, MAX_ROWS):  # more rows than one call takes: in turns (a batched decode step)
+        m = min(MAX_ROWS, rows - lo)
+        kernel(x.data_ptr() + 4 * lo * k, *plan._args, y.data_ptr() + 4 * lo * n, m, k)
     return y
+
+
+class LayerPlan:
+    """One transformer block for lmf_decode_layer: its norms, four stacked products (float or quantized, see
+    LinearPlan/QuantPlan), attention shapes, RoPE tables, and scratch for `rows` activation rows."""
+
+    def __init__(
+        self,
+        norms: tuple[Tensor, Tensor],
+        eps: float,
+        heads: tuple[int, int, int],
+        plans: tuple[LinearPlan | QuantPlan, ...],
+        rope: tuple[Tensor, Tensor],
+        rows: int,
+    ) -> None:
+        qkv, o, gate_up, down = plans
+        widths = [qkv.in_features, qkv.out_features, o.in_features, o.out_features, gate_up.out_features]
+        self.buffers = [torch.empty(rows, w) for w in [*widths, down.in_features]]
+        k_max = max(p.in_features for p in plans)
+        self.quantized = [torch.empty(rows * k_max, dtype=torch.int8), torch.empty(rows * k_max // 32 + 1)]
+        self.quantized.append(torch.empty_like(self.quantized[1]))
+        self.keep = (norms, plans, rope)  # the struct below points into all of these
+        self.struct = _Layer(
+            norms[0].data_ptr(),
+            norms[1].data_ptr(),
+            eps,
+            *heads,
+            down.in_features,
+            *(p.mat() for p in plans),
+            rope[0].data_ptr(),
+            rope[1].data_ptr(),
+            *(t.data_ptr() for t in self.buffers + self.quantized),
+        )
+
+
+def decode_layer(plan: LayerPlan, x: Tensor, pos: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+    """One block's decode step on x (B, 1, hidden), in place: pos as for decode_attention; returns x."""
+    lib = library()
+    assert lib is not None
+    b, hidden = x.shape[0], x.shape[-1]
+    pos = pos.contiguous()
+    lib.lmf_decode_layer(
+        ctypes.byref(plan.struct),
+        x.data_ptr(),
+        b,
+        hidden,
+        pos.data_ptr(),
+        int(pos.numel() > 1),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[2],
+    )
+    return x
 
 
 def dequantize(qweight: Tensor, scales: Tensor, mins: Tensor | None, bits: int, group: int) -> Tensor:

@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "simd.h"
 
 /* Below this many weight elements a product is too small to be worth waking a second thread. */
@@ -74,17 +75,17 @@ static void linear_rows(const float* x, const float* w, const float* bias, float
 }
 
 /* y (M, sum N_i) = x (M, K) @ [W_0; W_1; ...]^T + [b_0; b_1; ...]: several matrices (N_i, K) that read the same
-   input, as if stacked, without copying them into one. biases[i] may be NULL. Row-major, 1 <= M <= 8. */
-void lmf_linear_f32(const float* x, const float* const* ws, const float* const* biases, const int* ns, int count,
-                    float* y, int M, int K) {
-    long starts[9] = {0};  /* group index where matrix i begins; count <= 8 */
-    size_t ldy = 0, total = 0;
+   input, as if stacked, without copying them into one. biases[i] may be NULL. Row-major, 1 <= M <= 8.
+   The _team form shares its rows out among the threads of an enclosing parallel region (a whole decode layer). */
+void lmf_linear_f32_team(const float* x, const float* const* ws, const float* const* biases, const int* ns, int count,
+                         float* y, int M, int K) {
+    long starts[9] = {0}; /* group index where matrix i begins; count <= 8 */
+    size_t ldy = 0;
     for (int i = 0; i < count; i++) {
         starts[i + 1] = starts[i] + (ns[i] + 3) / 4;
         ldy += (size_t)ns[i];
     }
-    total = ldy * (size_t)K;
-#pragma omp parallel for schedule(static) if (total >= PARALLEL_MIN)
+#pragma omp for schedule(static)
     for (long g = 0; g < starts[count]; g++) {
         int i = 0;
         size_t col = 0;
@@ -93,6 +94,14 @@ void lmf_linear_f32(const float* x, const float* const* ws, const float* const* 
         size_t rows = (size_t)ns[i] - n0 < 4 ? (size_t)ns[i] - n0 : 4;
         linear_rows(x, ws[i], biases[i], y + col, (size_t)M, ldy, (size_t)K, n0, rows);
     }
+}
+
+void lmf_linear_f32(const float* x, const float* const* ws, const float* const* biases, const int* ns, int count,
+                    float* y, int M, int K) {
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += (size_t)ns[i] * (size_t)K;
+#pragma omp parallel if (total >= PARALLEL_MIN)
+    lmf_linear_f32_team(x, ws, biases, ns, count, y, M, K);
 }
 
 /* y (M, D) = x / sqrt(mean(x^2) + eps) * weight, per row. */
@@ -123,20 +132,21 @@ static void rope_head(float* x, const float* c, const float* s, int D) {
    RoPE from the cos/sin tables (max_pos, D) at row b's position pos_in[b * pos_stride] (stride 0: all rows share
    one position); k and v stored into the caches (B, Hkv, max_len, D) at pos[b];
    then each head attends over its row's positions [0, pos[b]] (grouped-query: head h reads kv head h / (H / Hkv)).
-   out (B, H * D). Rows need not share a length, so no mask is ever built. */
-void lmf_decode_attention_f32(float* qkv, int B, int H, int Hkv, int D, const float* cos_t, const float* sin_t,
-                              const long* pos_in, int pos_stride, float* k_cache, float* v_cache, int max_len,
-                              float* out, float scale) {
-    long pos[B];
-    for (int b = 0; b < B; b++) pos[b] = pos_in[b * pos_stride];
+   out (B, H * D). Rows need not share a length, so no mask is ever built. The _team form runs inside an
+   enclosing parallel region. */
+void lmf_decode_attention_team(float* qkv, int B, int H, int Hkv, int D, const float* cos_t, const float* sin_t,
+                               const long* pos, int pos_stride, float* k_cache, float* v_cache, int max_len,
+                               float* out, float scale) {
     size_t width = (size_t)(H + 2 * Hkv) * D;
+#pragma omp single
     for (int b = 0; b < B; b++) {
+        long p = pos[b * pos_stride];
         float* row = qkv + b * width;
-        const float* c = cos_t + (size_t)pos[b] * D;
-        const float* s = sin_t + (size_t)pos[b] * D;
+        const float* c = cos_t + (size_t)p * D;
+        const float* s = sin_t + (size_t)p * D;
         for (int h = 0; h < H + Hkv; h++) rope_head(row + (size_t)h * D, c, s, D);
         for (int g = 0; g < Hkv; g++) {
-            size_t at = (((size_t)b * Hkv + g) * max_len + pos[b]) * D;
+            size_t at = (((size_t)b * Hkv + g) * max_len + p) * D;
             for (int d = 0; d < D; d++) {
                 k_cache[at + d] = row[(size_t)(H + g) * D + d];
                 v_cache[at + d] = row[(size_t)(H + Hkv + g) * D + d];
@@ -144,10 +154,10 @@ void lmf_decode_attention_f32(float* qkv, int B, int H, int Hkv, int D, const fl
         }
     }
     int group = H / Hkv;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (long bh = 0; bh < (long)B * H; bh++) {
         int b = (int)(bh / H), h = (int)(bh % H), g = h / group;
-        long len = pos[b] + 1;
+        long len = pos[b * pos_stride] + 1;
         const float* q = qkv + b * width + (size_t)h * D;
         const float* K = k_cache + ((size_t)b * Hkv + g) * max_len * D;
         const float* V = v_cache + ((size_t)b * Hkv + g) * max_len * D;
@@ -174,6 +184,14 @@ void lmf_decode_attention_f32(float* qkv, int B, int H, int Hkv, int D, const fl
         for (int d = 0; d < D; d++) o[d] /= total;
         if (scores != scores_stack) free(scores);
     }
+}
+
+void lmf_decode_attention_f32(float* qkv, int B, int H, int Hkv, int D, const float* cos_t, const float* sin_t,
+                              const long* pos_in, int pos_stride, float* k_cache, float* v_cache, int max_len,
+                              float* out, float scale) {
+#pragma omp parallel
+    lmf_decode_attention_team(qkv, B, H, Hkv, D, cos_t, sin_t, pos_in, pos_stride, k_cache, v_cache, max_len, out,
+                              scale);
 }
 
 /* out (M, I) = silu(gu[:, :I]) * gu[:, I:], for the fused gate|up projection of a SwiGLU MLP. */

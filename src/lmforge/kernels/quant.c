@@ -16,10 +16,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "simd.h"
 
-#define QBLOCK 32           /* activation / weight block along K */
-#define MAX_M 8             /* activation rows per call, as for lmf_linear_f32 */
 #define PARALLEL_MIN 65536  /* weights below which one thread is faster than waking a second */
 
 /* x (M, K) -> xq int8 (M, K), xd (M, K/32) block scales, xs (M, K/group) group sums of the rounded x. */
@@ -62,41 +61,62 @@ static inline __m256 dot_u8s8(__m256i u, __m256i s) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-/* 32 nibbles of one INT4 block as bytes 0..15, in weight order. */
-static inline __m256i unpack_q4(const uint8_t* q) {
-    __m128i raw = _mm_loadu_si128((const __m128i*)q);
-    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(raw), _mm_srli_epi16(raw, 4), 1);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-}
 #endif
 
 #ifdef __AVX2__
+/* 32 nibbles of one INT4 block as bytes 0..15, in weight order: the 16 bytes in both lanes, the upper lane
+   shifted down a nibble (three instructions). */
+static inline __m256i unpack_q4_fast(const uint8_t* q) {
+    __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q));
+    both = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+
+/* The combined scales d_w * d_x of eight blocks b0..b0+7, as floats in `out`: the weight scales of those blocks
+   (8 >> shift distinct fp16 values) widened and spread with one permute, instead of eight scalar conversions. */
+static inline void block_scales8(const uint16_t* d, const float* xd, int b0, int shift, float out[8]) {
+    __m128i h;
+    const uint16_t* src = d + (b0 >> shift);
+    if (shift == 0) {
+        h = _mm_loadu_si128((const __m128i*)src);
+    } else if (shift == 1) {
+        h = _mm_loadl_epi64((const __m128i*)src);
+    } else {
+        int32_t two;
+        memcpy(&two, src, sizeof two);
+        h = _mm_cvtsi32_si128(two);
+    }
+    __m256i lane = _mm256_srlv_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(shift));
+    __m256 dw = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), lane);
+    _mm256_storeu_ps(out, _mm256_mul_ps(dw, _mm256_loadu_ps(xd + b0)));
+}
+
 /* The one-row case (a single conversation decoding), kept apart so that everything stays in registers: two
    accumulators in turn hide the multiply-add latency. */
 static float q4_row1(const uint8_t* q, const uint16_t* d, const uint16_t* mn, const Acts* a) {
     int nb = a->K / QBLOCK, shift = a->shift, ng = a->K / a->group;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m256i x0 = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)b * QBLOCK));
-        __m256i x1 = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)(b + 1) * QBLOCK));
-        __m256 s0 = _mm256_set1_ps(h2f(d[b >> shift]) * a->xd[b]);
-        __m256 s1 = _mm256_set1_ps(h2f(d[(b + 1) >> shift]) * a->xd[b + 1]);
-        acc0 = _mm256_fmadd_ps(dot_u8s8(unpack_q4(q + (size_t)b * 16), x0), s0, acc0);
-        acc1 = _mm256_fmadd_ps(dot_u8s8(unpack_q4(q + (size_t)(b + 1) * 16), x1), s1, acc1);
-    }
-    if (b < nb) {
-        __m256i x0 = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)b * QBLOCK));
-        __m256 s0 = _mm256_set1_ps(h2f(d[b >> shift]) * a->xd[b]);
-        acc0 = _mm256_fmadd_ps(dot_u8s8(unpack_q4(q + (size_t)b * 16), x0), s0, acc0);
+    float sc[8];
+    for (int b = 0; b < nb; b += 8) {
+        int n = nb - b < 8 ? nb - b : 8;
+        if (n == 8)
+            block_scales8(d, a->xd, b, shift, sc);
+        else
+            for (int j = 0; j < n; j++) sc[j] = h2f(d[(b + j) >> shift]) * a->xd[b + j];
+        for (int j = 0; j < n; j++) {
+            __m256i x = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)(b + j) * QBLOCK));
+            __m256 dot = dot_u8s8(unpack_q4_fast(q + (size_t)(b + j) * 16), x);
+            if (j & 1)
+                acc1 = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(sc + j), acc1);
+            else
+                acc0 = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(sc + j), acc0);
+        }
     }
     /* the offset term, eight groups at a time: a scalar loop here would be a latency chain as long as the rest */
     int g = 0;
-#ifdef __F16C__
     for (; g + 8 <= ng; g += 8)
-        acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + g))),
-                               _mm256_loadu_ps(a->xs + g), acc0);
-#endif
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + g))),
+                               _mm256_loadu_ps(a->xs + g), acc1);
     float off = 0.0f;
     for (; g < ng; g++) off += h2f(mn[g]) * a->xs[g];
     return hsum(_mm256_add_ps(acc0, acc1)) + off;
@@ -105,22 +125,23 @@ static float q4_row1(const uint8_t* q, const uint16_t* d, const uint16_t* mn, co
 static float q8_row1(const int8_t* q, const uint16_t* d, const Acts* a) {
     int nb = a->K / QBLOCK, shift = a->shift;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i*)(q + (size_t)b * QBLOCK));
-        __m256i w1 = _mm256_loadu_si256((const __m256i*)(q + (size_t)(b + 1) * QBLOCK));
-        __m256i x0 = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)b * QBLOCK));
-        __m256i x1 = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)(b + 1) * QBLOCK));
-        __m256 s0 = _mm256_set1_ps(h2f(d[b >> shift]) * a->xd[b]);
-        __m256 s1 = _mm256_set1_ps(h2f(d[(b + 1) >> shift]) * a->xd[b + 1]);
-        acc0 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)), s0, acc0);
-        acc1 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)), s1, acc1);
-    }
-    if (b < nb) {
-        __m256i w0 = _mm256_loadu_si256((const __m256i*)(q + (size_t)b * QBLOCK));
-        __m256i x0 = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)b * QBLOCK));
-        __m256 s0 = _mm256_set1_ps(h2f(d[b >> shift]) * a->xd[b]);
-        acc0 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)), s0, acc0);
+    float sc[8];
+    for (int b = 0; b < nb; b += 8) {
+        int n = nb - b < 8 ? nb - b : 8;
+        if (n == 8)
+            block_scales8(d, a->xd, b, shift, sc);
+        else
+            for (int j = 0; j < n; j++) sc[j] = h2f(d[(b + j) >> shift]) * a->xd[b + j];
+        for (int j = 0; j < n; j++) {
+            const int8_t* qb = q + (size_t)(b + j) * QBLOCK;
+            __m256i w = _mm256_loadu_si256((const __m256i*)qb);
+            __m256i x = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)(b + j) * QBLOCK));
+            __m256 dot = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)); /* |w| times x with w's sign */
+            if (j & 1)
+                acc1 = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(sc + j), acc1);
+            else
+                acc0 = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(sc + j), acc0);
+        }
     }
     return hsum(_mm256_add_ps(acc0, acc1));
 }
@@ -138,7 +159,7 @@ static void q4_row(const uint8_t* q, const uint16_t* d, const uint16_t* mn, cons
         for (int m = 0; m < a->M; m++) off[m] += mg * a->xs[m * ng + g];
         for (int s = 0; s < per; s++) {
             int b = g * per + s;
-            __m256i w = unpack_q4(q + (size_t)b * 16);
+            __m256i w = unpack_q4_fast(q + (size_t)b * 16);
             for (int m = 0; m < a->M; m++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)m * a->K + (size_t)b * QBLOCK));
                 acc[m] = _mm256_fmadd_ps(dot_u8s8(w, xv), _mm256_set1_ps(dg * a->xd[m * nb + b]), acc[m]);
@@ -199,12 +220,13 @@ static void q8_row(const int8_t* q, const uint16_t* d, const Acts* a, float* out
 
 /* y (M, sum N_i) = x (M, K) @ [W_0; W_1; ...]^T + biases, for `count` quantized matrices of one scheme that read
    the same input, as if stacked (q|k|v, gate|up). qs[i]: packed weights; ds[i], ms[i]: fp16 scales and INT4
-   offsets (ms unused for INT8); biases[i] may be NULL. 1 <= M <= 8; K a multiple of `group`, itself of 32. */
-void lmf_linear_q(const float* x, const void* const* qs, const uint16_t* const* ds, const uint16_t* const* ms,
-                  const float* const* biases, const int* ns, int count, int bits, int group, float* y, int M, int K) {
-    int8_t* xq = malloc((size_t)M * K);
-    float* xd = malloc(sizeof(float) * (size_t)M * (K / QBLOCK));
-    float* xs = malloc(sizeof(float) * (size_t)M * (K / group));
+   offsets (ms unused for INT8); biases[i] may be NULL. 1 <= M <= 8; K a multiple of `group`, itself of 32.
+   The _team form runs inside an enclosing parallel region, with scratch for the quantized activations:
+   xq (M * K), xd (M * K / 32), xs (M * K / 32) (see kernels.h). */
+void lmf_linear_q_team(const float* x, const void* const* qs, const uint16_t* const* ds, const uint16_t* const* ms,
+                       const float* const* biases, const int* ns, int count, int bits, int group, float* y, int M,
+                       int K, int8_t* xq, float* xd, float* xs) {
+#pragma omp single
     quantize_rows(x, M, K, group, xq, xd, xs);
     Acts a = {xq, xd, xs, M, K, group, __builtin_ctz((unsigned)(group / QBLOCK))};
     long starts[9] = {0}; /* index of the first row of matrix i; count <= 8 */
@@ -214,7 +236,7 @@ void lmf_linear_q(const float* x, const void* const* qs, const uint16_t* const* 
         ldy += (size_t)ns[i];
     }
     size_t row_bytes = bits == 4 ? (size_t)K / 2 : (size_t)K, ng = (size_t)K / group;
-#pragma omp parallel for schedule(static) if (ldy * (size_t)K >= PARALLEL_MIN)
+#pragma omp for schedule(static)
     for (long r = 0; r < starts[count]; r++) {
         int i = 0;
         size_t col = 0;
@@ -235,6 +257,17 @@ void lmf_linear_q(const float* x, const void* const* qs, const uint16_t* const* 
         float b = biases[i] ? biases[i][n] : 0.0f;
         for (int m = 0; m < M; m++) y[(size_t)m * ldy + col + n] = out[m] + b;
     }
+}
+
+void lmf_linear_q(const float* x, const void* const* qs, const uint16_t* const* ds, const uint16_t* const* ms,
+                  const float* const* biases, const int* ns, int count, int bits, int group, float* y, int M, int K) {
+    int8_t* xq = malloc((size_t)M * K);
+    float* xd = malloc(sizeof(float) * (size_t)M * (K / QBLOCK));
+    float* xs = malloc(sizeof(float) * (size_t)M * (K / QBLOCK));
+    size_t total = 0;
+    for (int i = 0; i < count; i++) total += (size_t)ns[i] * (size_t)K;
+#pragma omp parallel if (total >= PARALLEL_MIN)
+    lmf_linear_q_team(x, qs, ds, ms, biases, ns, count, bits, group, y, M, K, xq, xd, xs);
     free(xq);
     free(xd);
     free(xs);

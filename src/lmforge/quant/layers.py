@@ -2,7 +2,7 @@
 
 `QuantLinear` holds packed weights (pack.py) as buffers, so a quantized model saves and loads through the normal
 checkpoint code, and it has no trainable parameters (QLoRA wraps it). Its forward picks a path by shape:
-- a few rows on CPU in float32 (a decode step): the native INT8/INT4 kernel, reading the packed bytes directly;
+- a few rows on CPU in float32 (a decode step, also of a batch): the native INT8/INT4 kernel on the packed bytes;
 - many rows (prefill, scoring, training) or another device/dtype: expand the weight to float and run one GEMM.
   The expansion happens per call and is never kept, and backward re-expands instead of saving it.
 Under torch.compile the kernel is the opaque custom op `lmforge::linear_q`. This module does not choose the
@@ -23,6 +23,9 @@ from lmforge.model import Transformer
 from lmforge.quant import pack
 from lmforge.quant.scheme import QuantScheme
 
+# Up to this many rows the kernel runs (in turns of kernels.MAX_ROWS): it streams the packed weights once per turn,
+# which beats expanding them to float until the turns add up to the expansion's own memory traffic.
+KERNEL_ROWS = 32
 BLOCK_LINEARS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -135,7 +138,7 @@ def kernel_applies(x: Tensor) -> bool:
     return (
         x.is_cpu
         and x.dtype is torch.float32
-        and x.numel() <= kernels.MAX_ROWS * x.shape[-1]
+        and x.numel() <= KERNEL_ROWS * x.shape[-1]
         and not (torch.is_grad_enabled() and x.requires_grad)
     )
 
