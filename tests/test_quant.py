@@ -14,8 +14,7 @@ from lmforge import kernels
 from lmforge.checkpoint import load_checkpoint, make_lineage, save_checkpoint
 from lmforge.engine import Engine
 from lmforge.errors import LmforgeError
-from lmforge.quant import QuantLinear, QuantScheme, quantize_, scheme_of
-from lmforge.quant import pack
+from lmforge.quant import QuantLinear, QuantScheme, pack, quantize_, scheme_of
 from lmforge.quant.quantize import QuantizeConfig, main
 from lmforge.sampling import SamplingParams
 from tests.tiny import CORPUS, make_tiny_model, make_tiny_tokenizer
@@ -190,3 +189,31 @@ def test_quantized_layer_compiles_to_the_same_result() -> None:
     with torch.no_grad():
         compiled = torch.compile(layer, fullgraph=True)
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_gguf_blocks_load_without_a_float_round_trip(tmp_path: Path, real_gguf: Path, smollm2_checkpoint: Path) -> None:
+    """SmolLM2's GGUF stores Q4_1 layers and a Q8_0 tied embedding: kept as they are, they give the same float
+    weights as the dequantizing import, so the expanded (prefill) path gives bit-identical logits."""
+    from lmforge.checkpoint import convert
+
+    out = convert(real_gguf, tmp_path / "kept", progress=False, keep_quant=True)
+    kept, tok = load_checkpoint(out)
+    assert scheme_of(kept) == QuantScheme(bits=4, group_size=32, head_bits=8, embed_bits=None, method="gguf")
+    float_model, _ = load_checkpoint(smollm2_checkpoint)
+    ids = torch.tensor([tok.encode("The capital of France is Paris. 北京是中国的首都。") * 4])  # > KERNEL_ROWS
+    with torch.no_grad():
+        assert torch.equal(kept(ids), float_model(ids))
+    assert sum(p.stat().st_size for p in out.iterdir()) < 0.2 * sum(
+        p.stat().st_size for p in smollm2_checkpoint.iterdir()
+    )
+
+
+@pytest.mark.slow
+def test_gguf_with_unsupported_blocks_is_refused(tmp_path: Path, qwen_checkpoint: Path) -> None:
+    from lmforge.checkpoint import convert
+
+    gguf_file = next(qwen_checkpoint.parent.glob("*.gguf"))
+    with pytest.raises(LmforgeError, match="Q4_K, Q5_0, Q6_K, Q8_0; lmforge's kernels read Q4_0, Q4_1 or Q8_0"):
+        convert(gguf_file, tmp_path / "kept", progress=False, keep_quant=True)
+    assert not (tmp_path / "kept").exists()

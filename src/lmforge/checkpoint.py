@@ -317,16 +317,25 @@ def generation_defaults(directory: Path) -> dict | None:
     return {k: v for k, v in d.items() if k not in drop}
 
 
-def convert(src: str | Path, out: Path, progress: bool = True) -> Path:
-    """A .gguf file, or an lmforge / Hugging Face directory, into an lmforge checkpoint at `out`."""
+def convert(src: str | Path, out: Path, progress: bool = True, keep_quant: bool = False) -> Path:
+    """A .gguf file, or an lmforge / Hugging Face directory, into an lmforge checkpoint at `out`.
+
+    keep_quant: a GGUF's Q4_0/Q4_1/Q8_0 blocks become a quantized checkpoint as they are (no float round trip)."""
     src, out = Path(src).expanduser(), Path(out).expanduser()
-    if src.is_file() and src.suffix.lower() == ".gguf":
-        from lmforge.gguf_import import read_gguf
+    is_gguf = src.is_file() and src.suffix.lower() == ".gguf"
+    if keep_quant and not is_gguf:
+        raise LmforgeError(f"{src}: --keep-quant reads a .gguf file's stored blocks; give a .gguf file")
+    if is_gguf:
+        from lmforge.gguf_import import read_gguf, read_gguf_blocks
 
         digest = sha256_with_progress(src, "hashing", progress)
-        cfg, state, tokenizer = read_gguf(src, progress=progress)
-        lineage = make_lineage(str(src.resolve()), digest, kind="gguf")
-        save_checkpoint(out, cfg, state, tokenizer, lineage)
+        lineage = make_lineage(str(src.resolve()), digest, kind="gguf", keep_quant=keep_quant)
+        if keep_quant:
+            cfg, state, tokenizer, scheme = read_gguf_blocks(src, progress=progress)
+            save_checkpoint(out, cfg, state, tokenizer, lineage, quantization=scheme.to_config())
+        else:
+            cfg, state, tokenizer = read_gguf(src, progress=progress)
+            save_checkpoint(out, cfg, state, tokenizer, lineage)
     elif src.is_dir():
         model, tokenizer = load_checkpoint(src)
         hashes = {p.name: sha256_with_progress(p, "hashing", progress) for p in weight_files(src)}

@@ -26,7 +26,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
@@ -39,6 +39,9 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.progress import track
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lmforge.quant import QuantScheme
 
 # Per-architecture data. `rope_permuted`: llama.cpp stored q/k rows permuted for interleaved RoPE.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -79,6 +82,7 @@ _QWEN2_SPLIT = (
 PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool]] = {
     "default": (_GPT2_SPLIT, False, False),
     "gpt2": (_GPT2_SPLIT, False, False),
+    "gpt-2": (_GPT2_SPLIT, False, False),  # llama.cpp's name, which gguf_export writes
     "smollm": (_GPT2_SPLIT, True, False),
     "llama-bpe": (_LLAMA3_SPLIT, False, False),
     "llama3": (_LLAMA3_SPLIT, False, False),
@@ -92,7 +96,24 @@ _CONTROL, _USER = 3, 4  # tokenizer.ggml.token_type values
 
 
 def read_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    path = Path(path)
+    """Config, float32 state dict and tokenizer of a GGUF file (every tensor dequantized)."""
+    cfg, state, tokenizer, _ = _read(Path(path), progress, keep_blocks=False)
+    return cfg, state, tokenizer
+
+
+def read_gguf_blocks(
+    path: Path, progress: bool = True
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, QuantScheme]:
+    """Like read_gguf, but Q4_0 / Q4_1 / Q8_0 linears keep their stored blocks as lmforge's packed tensors (the
+    same bytes: see quant/pack.py), with the scheme they form; no float round trip, no added rounding."""
+    cfg, state, tokenizer, scheme = _read(Path(path), progress, keep_blocks=True)
+    assert scheme is not None
+    return cfg, state, tokenizer, scheme
+
+
+def _read(
+    path: Path, progress: bool, keep_blocks: bool
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer, QuantScheme | None]:
     meta, tensors = _open(path)
     arch = _get(meta, "general.architecture", path)
     if arch not in ARCHITECTURES:
@@ -104,15 +125,80 @@ def read_gguf(path: Path, progress: bool = True) -> tuple[ModelConfig, dict[str,
     tokenizer = _tokenizer(meta, path)
     cfg = _config(meta, arch, tensors, tokenizer, path)
     names = _plan(tensors, path)  # check names and types before the slow part
+    scheme = _block_scheme(names, cfg, path) if keep_blocks else None
     state = {}
-    for t, ours in track(names, f"dequantizing {path.name}", enabled=progress):
-        w = _dequantize(t)
-        if ARCHITECTURES[arch]["rope_permuted"] and re.search(r"\.attn_[qk]\.", t.name):
-            heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads
-            w = _unpermute(w, heads)
-        state[ours] = torch.from_numpy(w)
-    _check_shapes(cfg, state, path)
-    return cfg, state, tokenizer
+    for t, ours in track(names, f"reading {path.name}", enabled=progress):
+        permute = ARCHITECTURES[arch]["rope_permuted"] and re.search(r"\.attn_[qk]\.", t.name)
+        heads = cfg.num_heads if ".attn_q." in t.name else cfg.num_kv_heads
+        target = _packed_name(ours, cfg, scheme) if scheme is not None else None
+        if target is not None:
+            for suffix, part in _blocks(t).items():
+                state[target + suffix] = torch.from_numpy(_unpermute(part, heads) if permute else part)
+        else:
+            w = _dequantize(t)
+            state[ours] = torch.from_numpy(_unpermute(w, heads) if permute else w)
+    _check_shapes(cfg, state, path, scheme)
+    return cfg, state, tokenizer, scheme
+
+
+# --- stored quantized blocks ------------------------------------------------------------------------------------
+
+_Q = gguf.GGMLQuantizationType
+_NATIVE_BITS = {_Q.Q4_0: 4, _Q.Q4_1: 4, _Q.Q8_0: 8}  # GGUF block types that are lmforge's own layout at group 32
+
+
+def _block_scheme(names: list[tuple[_Tensor, str]], cfg: ModelConfig, path: Path) -> QuantScheme:
+    """The lmforge scheme the file's stored types form, or a clear refusal."""
+    from lmforge.quant import QuantScheme
+
+    types = {ours: t.qtype for t, ours in names}
+    blocks = {q for ours, q in types.items() if _is_block_linear(ours)}
+    bits = {_NATIVE_BITS.get(q) for q in blocks}
+    if None in bits or len(bits) != 1:
+        found = ", ".join(sorted(q.name for q in blocks))
+        raise LmforgeError(
+            f"{path}: its linear layers are stored as {found}; lmforge's kernels read Q4_0, Q4_1 or Q8_0 blocks "
+            "(one width for all layers). Convert it to float without --keep-quant, then run lmforge quantize"
+        )
+    head = types["embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    embed = None if cfg.tie_embeddings else _NATIVE_BITS.get(types["embed_tokens.weight"])
+    return QuantScheme(
+        bits=bits.pop(), group_size=32, head_bits=_NATIVE_BITS.get(head), embed_bits=embed, method="gguf"
+    )
+
+
+def _is_block_linear(ours: str) -> bool:
+    from lmforge.quant.layers import BLOCK_LINEARS
+
+    return ours.startswith("layers.") and ours.endswith(tuple(f"{name}.weight" for name in BLOCK_LINEARS))
+
+
+def _packed_name(ours: str, cfg: ModelConfig, scheme: QuantScheme) -> str | None:
+    """Where a tensor's packed parts go (their prefix), or None when it is read as float."""
+    if _is_block_linear(ours):
+        return ours.removesuffix("weight")
+    if ours == "lm_head.weight" and scheme.head_bits is not None:
+        return "lm_head."
+    if ours == "embed_tokens.weight":
+        if cfg.tie_embeddings and scheme.head_bits is not None:
+            return "lm_head."  # the tied table is the quantized head
+        if not cfg.tie_embeddings and scheme.embed_bits is not None:
+            return "embed_tokens.table."
+    return None
+
+
+def _blocks(t: _Tensor) -> dict[str, np.ndarray]:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's bytes as qweight, scales (and mins): the block bytes regrouped, not recomputed."""
+    rows, k = t.shape
+    size = gguf.GGML_QUANT_SIZES[t.qtype][1]
+    b = t.data.reshape(rows, k // 32, size)
+    scales = b[:, :, 0:2].copy().view(np.float16).reshape(rows, -1)
+    if t.qtype == _Q.Q8_0:
+        return {"qweight": b[:, :, 2:].copy().view(np.int8).reshape(rows, k), "scales": scales}
+    if t.qtype == _Q.Q4_0:  # w = d (q - 8): an offset of -8 d, exact in fp16
+        return {"qweight": b[:, :, 2:].reshape(rows, -1).copy(), "scales": scales, "mins": -8 * scales}
+    mins = b[:, :, 2:4].copy().view(np.float16).reshape(rows, -1)
+    return {"qweight": b[:, :, 4:].reshape(rows, -1).copy(), "scales": scales, "mins": mins}
 
 
 # --- file and metadata ---------------------------------------------------------------------------------------
@@ -347,11 +433,18 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+def _check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], path: Path, scheme: QuantScheme | None) -> None:
     from lmforge.model import Transformer
 
     with torch.device("meta"):
-        expected = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters()}
+        model = Transformer(cfg)
+        if scheme is not None:
+            from lmforge.quant import make_quantized
+
+            make_quantized(model, scheme)
+        expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if cfg.tie_embeddings and "lm_head.weight" in expected:
+        expected.pop("lm_head.weight")  # the embedding itself
     missing = sorted(set(expected) - set(state))
     if missing:
         raise LmforgeError(f"{path}: the model is missing tensors for {', '.join(missing[:3])}; the file is incomplete")

@@ -232,10 +232,8 @@ def _rope_for(rope: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     return cos[: x.shape[1]], sin[: x.shape[1]]  # (T, D): positions 0..T-1
 
 
-def _quantize_block(
-    block: nn.Module, hessians: dict[str, Tensor], scheme: QuantScheme, prefix: str
-) -> dict[str, pack.Packed]:
-    """GPTQ for each shared-input group of the block, stacked by rows, then split back per linear."""
+def _quantize_block(block: nn.Module, hessians: dict[str, Tensor], scheme: QuantScheme) -> dict[str, pack.Packed]:
+    """GPTQ for each shared-input group of the block, stacked by rows, then split back per linear ("mlp.up_proj")."""
     out = {}
     for names in SHARED_INPUTS:
         weights = [block.get_submodule(name).weight for name in names]
@@ -243,23 +241,17 @@ def _quantize_block(
         rows = [len(w) for w in weights]
         mins = stacked.mins.split(rows) if stacked.mins is not None else [None] * len(names)
         for name, q, d, m in zip(names, stacked.qweight.split(rows), stacked.scales.split(rows), mins, strict=True):
-            out[f"{prefix}.{name}"] = pack.Packed(q.contiguous(), d.contiguous(), None if m is None else m.contiguous())
+            out[name] = pack.Packed(q.contiguous(), d.contiguous(), None if m is None else m.contiguous())
     return out
 
 
 def _run_quantized(
-    block: nn.Module,
-    packed: dict[str, pack.Packed],
-    prefix: str,
-    scheme: QuantScheme,
-    xs: list[Tensor],
-    rope: tuple[Tensor, Tensor],
+    block: nn.Module, packed: dict[str, pack.Packed], scheme: QuantScheme, xs: list[Tensor], rope: tuple[Tensor, Tensor]
 ) -> list[Tensor]:
     """The block's outputs with its dequantized weights in place of the float ones (the module is not changed)."""
     dtype = xs[0].dtype
     weights = {
-        f"{name.removeprefix(prefix + '.')}.weight": pack.dequantize(p, scheme.bits, scheme.group_size, dtype)
-        for name, p in packed.items()
+        f"{name}.weight": pack.dequantize(p, scheme.bits, scheme.group_size, dtype) for name, p in packed.items()
     }
     return [functional_call(block, weights, (x, *_rope_for(rope, x), None, None)) for x in xs]
 
@@ -278,8 +270,8 @@ def gptq_pack(
     rope = (model.rope_cos, model.rope_sin)
     packed: dict[str, pack.Packed] = {}
     for i in track(range(len(model.layers)), f"GPTQ int{scheme.bits}", enabled=progress):
-        block, prefix = model.layers[i], f"layers.{i}"
-        block_packed = _quantize_block(block, _hessians(block, xs, rope), scheme, prefix)
-        xs = _run_quantized(block, block_packed, prefix, scheme, xs, rope)
-        packed.update(block_packed)
+        block = model.layers[i]
+        block_packed = _quantize_block(block, _hessians(block, xs, rope), scheme)
+        xs = _run_quantized(block, block_packed, scheme, xs, rope)
+        packed.update({f"layers.{i}.{name}": p for name, p in block_packed.items()})
     return packed

@@ -13,7 +13,7 @@ from lmforge.errors import LmforgeError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "gguf")  # gguf: the blocks a GGUF file stored, kept as they are
 QUANT_METHOD = "lmforge"  # the quant_method name in config.json
 
 
@@ -23,7 +23,7 @@ class QuantScheme:
     group_size: int = 32  # weights per scale along the input dimension
     head_bits: int | None = 8  # the output head (None: keep it float); INT8 keeps the big vocabulary product exact
     embed_bits: int | None = 8  # an untied embedding table (a tied one reads the quantized head's rows)
-    method: str = "rtn"  # how the block weights were rounded: round-to-nearest or GPTQ (calibrated)
+    method: str = "rtn"  # how the block weights were rounded: round-to-nearest, GPTQ (calibrated) or by llama.cpp
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
