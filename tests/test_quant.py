@@ -217,3 +217,21 @@ def test_gguf_with_unsupported_blocks_is_refused(tmp_path: Path, qwen_checkpoint
     with pytest.raises(LmforgeError, match="Q4_K, Q5_0, Q6_K, Q8_0; lmforge's kernels read Q4_0, Q4_1 or Q8_0"):
         convert(gguf_file, tmp_path / "kept", progress=False, keep_quant=True)
     assert not (tmp_path / "kept").exists()
+
+
+def test_quant_flag_quantizes_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.loader import open_model
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    src = _save_tiny(tmp_path / "float", "qwen2-tiny")
+    first = open_model(str(src), "int4")
+    [kept] = (tmp_path / "cache" / "quantized").iterdir()
+    stamp = (kept / "model.safetensors").stat().st_mtime_ns
+    again = open_model(str(src), "int4")
+    assert (kept / "model.safetensors").stat().st_mtime_ns == stamp  # made once, then reused
+    assert scheme_of(again.model) == QuantScheme(bits=4)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(first.model(ids), again.model(ids))
+    with pytest.raises(LmforgeError, match="already quantized"):
+        open_model(str(kept), "int8")

@@ -6,6 +6,7 @@ one place those three flags turn into a model. It does not build engines or serv
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +24,44 @@ class Loaded:
 def open_model(spec: str | None, quant: str | None = None, adapter: str | Path | None = None) -> Loaded:
     """`spec` is a catalog name, a .gguf file or a checkpoint directory (None: the catalog default).
 
-    `quant` ("int8", "int4", "int4:g64", ...) quantizes the linear layers on load; an adapter trained on a
+    `quant` ("int8", "int4", "int4:g64", ...) loads the model quantized (see `quantized`); an adapter trained on a
     quantized base (QLoRA) expects the same `quant`, so quantization happens first and the adapter wraps it.
     """
     from lmforge.catalog import resolve_model
     from lmforge.checkpoint import load_checkpoint
 
     directory = resolve_model(spec)
-    model, tokenizer = load_checkpoint(directory)
-    if quant:
-        from lmforge.quant import QuantScheme, quantize_
-
-        quantize_(model, QuantScheme.parse(quant))
+    model, tokenizer = load_checkpoint(quantized(directory, quant) if quant else directory)
     if adapter:
         from lmforge.train.adapters import load_adapter
 
         load_adapter(model, Path(adapter))
     return Loaded(model, tokenizer, directory)
+
+
+def quantized(directory: Path, quant: str) -> Path:
+    """A quantized checkpoint of `directory`: itself when it already is one of that scheme, else one made by
+    `lmforge quantize` once and kept in the cache (keyed on the source's files), since quantizing takes a while."""
+    import hashlib
+
+    from lmforge.catalog import cache_dir
+    from lmforge.checkpoint import is_checkpoint, read_quantization, weight_files
+    from lmforge.errors import LmforgeError
+    from lmforge.quant import QuantScheme
+    from lmforge.quant.quantize import QuantizeConfig, main
+
+    scheme = QuantScheme.parse(quant)
+    existing = read_quantization(directory)
+    if existing is not None:
+        if (existing.bits, existing.group_size) != (scheme.bits, scheme.group_size):
+            raise LmforgeError(
+                f"{directory} is already quantized ({existing.label}); drop --quant or give its float checkpoint"
+            )
+        return directory
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(directory)]
+    key = hashlib.sha256(repr((str(directory.resolve()), scheme, files)).encode()).hexdigest()[:12]
+    out = cache_dir() / "quantized" / f"{directory.parent.name}-{scheme.label.replace(':', '-')}-{key}"
+    if not is_checkpoint(out):
+        print(f"lmforge: quantizing {directory} to {scheme.label} once; kept at {out}", file=sys.stderr)
+        main(QuantizeConfig(out=str(out), model=str(directory), bits=scheme.bits, group_size=scheme.group_size))
+    return out
