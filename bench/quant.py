@@ -16,14 +16,17 @@ our perplexity measures weight rounding alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -162,13 +165,27 @@ def prepare(name: str, work: Path, gptq: bool) -> tuple[Path, dict[str, Path]]:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, LLAMA[label])
             params.nthread = torch.get_num_threads()
-            if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params)):
+            with _quiet_stderr():  # llama.cpp logs every tensor
+                failed = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), ctypes.byref(params))
+            if failed:
                 raise SystemExit(f"llama.cpp could not quantize {f32} to {label}")
         settings[f"llama.cpp {label}"] = out
     shipped = sorted(source.parent.glob("*.gguf"))
     if shipped:
-        settings[f"llama.cpp shipped ({shipped[0].stem.rsplit('-', 1)[-1]})"] = shipped[0]
+        settings["llama.cpp, the catalog's GGUF"] = shipped[0]
     return source, settings
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def measure(target: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict | None:

@@ -6,6 +6,7 @@ that ran `make setup` already has the default one. Tests that use them are marke
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,14 @@ def real_gguf(smollm2_checkpoint: Path) -> Path | None:
     """The SmolLM2 GGUF file the catalog assembled beside its checkpoint."""
     found = sorted(smollm2_checkpoint.parent.glob("*.gguf"))
     return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread, and far faster than on two when other jobs share the cores."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

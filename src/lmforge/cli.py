@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback. Heavy imports happen inside the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -131,7 +132,179 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import convert
 
     src = args.src if Path(args.src).exists() else resolve_model(args.src)
-    print(convert(src, Path(args.out)))
+    print(convert(src, Path(args.out), keep_quant=args.keep_quant))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lmforge.quant.quantize import QuantizeConfig, main
+
+    head = None if args.head_bits == "none" else int(args.head_bits)
+    embed = None if args.embed_bits == "none" else int(args.embed_bits)
+    cfg = QuantizeConfig(
+        out=args.out,
+        model=args.model,
+        bits=args.bits,
+        group_size=args.group_size,
+        head_bits=head,
+        embed_bits=embed,
+        method=args.method,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+    )
+    r = main(cfg)
+    mib = 2**20
+    print(
+        f"{r['out']}: int{args.bits} g{args.group_size} {args.method}, weights {r['float_bytes'] / mib:,.0f} MiB -> "
+        f"{r['quantized_bytes'] / mib:,.0f} MiB in {r['seconds']} s"
+    )
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="weight-only INT8/INT4 quantization into a new checkpoint")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32)
+    p.add_argument("--head-bits", choices=("4", "8", "none"), default="8", help="the output head (default 8)")
+    p.add_argument("--embed-bits", choices=("4", "8", "none"), default="8", help="an untied embedding (default 8)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="round-to-nearest or calibrated GPTQ")
+    p.add_argument("--calib", default=None, help="UTF-8 calibration text for gptq (default: shipped bilingual text)")
+    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences of 512 tokens")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from lmforge.eval.perplexity import PerplexityConfig, main
+
+    cfg = PerplexityConfig(
+        model=args.model,
+        text=args.text,
+        quant=args.quant,
+        adapter=args.adapter,
+        window=args.window,
+        stride=args.stride,
+        batch_size=args.batch_size,
+    )
+    result = main(cfg)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    print(f"{'text':<20} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")
+    for r in [*result["texts"], result["total"]]:
+        print(f"{r['name']:<20} {r['tokens']:>8} {r['bytes']:>8} {r['perplexity']:>11.3f} {r['bits_per_byte']:>10.4f}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lmforge.gguf_export import export_gguf
+
+    print(export_gguf(args.src, args.out, args.type))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmforge.eval.run import EvalConfig, main
+
+    cfg = EvalConfig(
+        tasks=args.tasks,
+        model=args.model,
+        quant=args.quant,
+        adapter=args.adapter,
+        out=Path(args.out),
+        shots=args.shots,
+        cot=args.cot,
+        samples=args.samples,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+    )
+    result = main(cfg)
+    for name, task in result["tasks"].items():
+        scores = {k: v for k, v in task["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        print(f"{name:<24} " + "  ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    print(f"results: {result['run_dir']}\nreport:  {result['report']}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lmforge.serve import ServeConfig, main
+
+    cfg = ServeConfig(
+        model=args.model,
+        quant=args.quant,
+        adapter=args.adapter,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        insecure_no_auth=args.insecure_no_auth,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        model_id=args.model_id,
+    )
+    main(cfg)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from lmforge.train.sft import SFTConfig, main, report
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    cfg = SFTConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    report(main(cfg))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lmforge.train.adapters import merge_into_checkpoint
+
+    print(merge_into_checkpoint(args.model, Path(args.adapter), Path(args.out)))
+
+
+def _add_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="instruction-tune a model: full, LoRA, QLoRA or P-Tuning v2")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--data", nargs="+", required=True,
+                   help="Alpaca / ShareGPT / OpenAI-messages .json or .jsonl files, or builtin:self-cognition, "
+                   "builtin:instructions")
+    p.add_argument("--out", required=True, help="output directory (adapter, or model/ for full)")
+    p.add_argument("--method", choices=("full", "lora", "qlora", "ptuning"), default="lora")
+    p.add_argument("--mix-data", nargs="+", default=None, help="general text (.txt or JSONL with text) to mix in")
+    p.add_argument("--mix-ratio", type=float, default=None, help="fraction of training examples from --mix-data")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    lr_help = "peak learning rate (default: full 2e-5, lora/qlora 2e-4, ptuning 1e-2)"
+    g.add_argument("--lr", type=float, default=None, help=lr_help)
+    g.add_argument("--min-lr-ratio", type=float, default=None)
+    g.add_argument("--warmup-ratio", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--grad-accum", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("data handling")
+    g.add_argument("--max-len", type=int, default=None, help="tokens per example (default 512)")
+    g.add_argument("--overlong", choices=("truncate", "drop"), default=None)
+    g.add_argument("--bad-records", choices=("stop", "skip"), default=None)
+    g.add_argument("--packing", action="store_true", default=None, help="pack short examples into full rows")
+    g.add_argument("--name", default=None, help="assistant name for {{NAME}} in the data (default Forge)")
+    g.add_argument("--author", default=None, help="author for {{AUTHOR}} in the data")
+    g.add_argument("--eval-fraction", type=float, default=None)
+    g = p.add_argument_group("method")
+    g.add_argument("--lora-rank", type=int, default=None)
+    g.add_argument("--lora-alpha", type=float, default=None)
+    g.add_argument("--lora-dropout", type=float, default=None)
+    g.add_argument("--lora-targets", nargs="+", default=None)
+    g.add_argument("--prefix-len", type=int, default=None, help="P-Tuning v2 prefix length")
+    g.add_argument("--quant", default=None, help="QLoRA base quantization (default int4)")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, default=None)
+    g.add_argument("--save-every", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace the run in --out")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +337,54 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a .gguf file, catalog model or HF directory to an lmforge checkpoint")
     p.add_argument("src")
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--keep-quant",
+        action="store_true",
+        help="keep a .gguf file's Q4_0/Q4_1/Q8_0 blocks as a quantized checkpoint (no float round trip)",
+    )
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("perplexity", help="perplexity and bits-per-byte of a model on a text file")
+    _add_model(p)
+    text_help = "a UTF-8 text file, or heldout, heldout-en, heldout-zh (shipped text; default %(default)s)"
+    p.add_argument("--text", default="heldout", help=text_help)
+    p.add_argument("--window", type=int, default=None, help="tokens per forward (default: min(1024, context))")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window/2)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: 2048 tokens' worth)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("export", help="write a checkpoint as a GGUF file for llama.cpp / Ollama")
+    p.add_argument("src", metavar="DIR", help="checkpoint directory or catalog name")
+    p.add_argument("--to", choices=("gguf",), default="gguf", help="output format (default %(default)s)")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0"), default="f16", help="weight type (default %(default)s)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="evaluate a model on shipped or local benchmark tasks; writes a report card")
+    _add_model(p)
+    p.add_argument("--tasks", default="heldout,knowledge,arith", help="comma-separated: shipped names (heldout, "
+                   "knowledge, arith) or KIND:PATH with KIND perplexity|mmlu|ceval|cmmlu|mc|gsm8k")
+    p.add_argument("--shots", type=int, default=0, help="solved examples before each question (default 0)")
+    p.add_argument("--cot", action="store_true", help="chain of thought on generative tasks")
+    p.add_argument("--samples", type=int, default=1, help="> 1: self-consistency vote over sampled chains")
+    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per answer on generative tasks")
+    p.add_argument("--out", default="eval-results", help="results directory; its report compares all runs in it")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API and a web chat page")
+    _add_model(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed off loopback)")
+    p.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without --api-key")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default %(default)s)")
+    p.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: model's, <= 4096)")
+    p.add_argument("--model-id", default=None, help="the model name clients send (default: from --model)")
+    p.set_defaults(func=cmd_serve)
+    _add_sft(sub)
+    _add_quantize(sub)
     return parser
 
 

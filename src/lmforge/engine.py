@@ -104,7 +104,9 @@ class Engine:
         self.model = prepare_for_decode(model.eval().requires_grad_(False))
         self.tokenizer = tokenizer
         self.cfg = model.cfg
-        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        # A P-Tuning prefix occupies the first cache slots and shifts the tokens' positions by as many.
+        self.prefix_slots = model.prefix_len
+        self.max_len = min(max_len or self.cfg.max_seq_len, self.cfg.max_seq_len - self.prefix_slots)
         self.param = next(model.parameters())
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []  # tokens whose keys/values sit in row 0 of the cache, for `stream`
@@ -119,12 +121,13 @@ class Engine:
                 "shorten the prompt, lower max_new_tokens, or start a new conversation"
             )
         c = self._cache
-        if c is not None and c.k[0].shape[0] == batch and c.max_len >= length:
+        if c is not None and c.k[0].shape[0] == batch and c.max_len >= length + self.prefix_slots:
             return c
         size = 256
         while size < length:
             size *= 2
-        new = KVCache.allocate(self.cfg, batch, min(size, self.max_len), self.param.dtype, self.param.device)
+        slots = min(size, self.max_len) + self.prefix_slots
+        new = KVCache.allocate(self.cfg, batch, slots, self.param.dtype, self.param.device)
         if c is not None and c.k[0].shape[0] == batch:
             for old_buf, new_buf in zip(c.k + c.v, new.k + new.v, strict=True):
                 new_buf[:, :, : old_buf.shape[2]] = old_buf

@@ -215,6 +215,13 @@ class Transformer(nn.Module):
         cos, sin = rope_table(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # P-Tuning v2 (lmforge.train.ptuning): learned keys/values occupying the first cache slots, or None.
+        self.prefix: nn.Module | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        """Cache slots before the first token (the P-Tuning prefix); callers sizing a cache add these."""
+        return 0 if self.prefix is None else self.prefix.length
 
     def init_weights(self, std: float = 0.02) -> None:
         """Fresh weights for training from scratch (normal init, output projections scaled by depth)."""
@@ -237,10 +244,13 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """Logits (B, T, vocab). Without a cache this is the plain causal training pass.
 
-        keep: compute logits only at one position per row, (B, 1, vocab): an int index shared by all rows
-        (-1 = last), or a (B,) tensor of per-row indices. Skips the head's work on tokens nobody reads.
+        keep: compute logits only where they are read: an int index shared by all rows (-1 = last) or a (B,)
+        tensor of per-row indices gives (B, 1, vocab); a (B, K) tensor of per-row indices gives (B, K, vocab)
+        (scoring reads many positions). Skips the head's work on tokens nobody reads.
         """
         b, t = input_ids.shape
+        if self.prefix is not None:
+            positions, cache = self.prefix(input_ids, positions, cache)  # tokens move to positions P, P+1, ...
         pos = torch.arange(t, device=input_ids.device) if positions is None else positions.pos
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D) or (B, T, D)
         if cos.dim() == 3:
@@ -252,5 +262,6 @@ class Transformer(nn.Module):
         if isinstance(keep, int):
             x = x[:, keep:][:, :1]
         elif keep is not None:
-            x = x[torch.arange(b, device=x.device), keep][:, None]
+            rows = keep if keep.dim() == 2 else keep[:, None]  # (B, K)
+            x = x[torch.arange(b, device=x.device)[:, None], rows]
         return self.lm_head(self.norm(x))

@@ -1,5 +1,5 @@
 """Progress bars for long work: on stderr, so stdout carries only a command's result; only on a terminal and
-transient, so logs and captured output get no bar. Every long loop in lmforge goes through these two helpers."""
+transient, so logs and captured output get no bar. Every long loop in lmforge goes through these helpers."""
 
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ def track(items: Iterable[T], label: str, total: int | None = None, enabled: boo
     """Iterate `items` under a bar counting them."""
     with _bar(enabled, TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         yield from bar.track(items, total=total, description=label)
+
+
+@contextlib.contextmanager
+def step_progress(label: str, total: int, done: int = 0, enabled: bool = True) -> Iterator[Callable[[int, str], None]]:
+    """A bar counting steps with a line of metrics beside it; yields `update(completed, metrics_text)`."""
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[metrics]}"))
+    with _bar(enabled, *columns) as bar:
+        task = bar.add_task(label, total=total, completed=done, metrics="")
+        yield lambda completed, metrics: bar.update(task, completed=completed, metrics=metrics)

@@ -1,0 +1,287 @@
+"""The training loop every lmforge stage shares (instruction tuning now, pretraining next).
+
+What it does, for any model whose trainable parameters have `requires_grad` set:
+- AdamW with two weight-decay groups (matrices decay; biases, norm weights and other vectors do not), linear
+  warmup then cosine decay to `min_lr_ratio * lr`, gradient accumulation over micro-batches, norm clipping;
+- next-token cross-entropy over `targets` (IGNORE where no loss applies), averaged over the step's targets, so a
+  step means the same whatever the split into micro-batches; bf16 autocast on CUDA, plain fp32 elsewhere;
+- a progress bar (loss, lr, tokens/s), a JSONL log, held-out loss every `eval_every` steps, a loss-curve PNG;
+- a checkpoint every `save_every` steps, written atomically, keeping the last `keep_last`: the trainable tensors,
+  the optimizer's moments and the RNG states as safetensors, the step and counters as JSON (never a pickle).
+Exact resume: data comes from `batches(step)`, a pure function of the step number, so restoring the step, the
+trainable tensors, the optimizer state and the RNG state continues the same run bit for bit on the same machine.
+It does not build models, read data files or decide what to save at the end; the stage calling it does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.fileio import atomic_dir, atomic_path, write_json, write_text
+from lmforge.progress import step_progress
+
+IGNORE = -100
+Batch = dict[str, Tensor]  # input_ids (B, T) and targets (B, T)
+CHECKPOINT = re.compile(r"step-(\d+)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int
+    lr: float
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # 0 = no clipping
+    eval_every: int = 0  # 0 = evaluate only before and after training
+    save_every: int = 0  # 0 = checkpoint only at the end
+    keep_last: int = 2
+    progress: bool = True
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine down to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = trainable(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params.values() if p.dim() >= 2]
+    rest = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # bf16 autocast only where the hardware has bf16 matmul; this kind of CPU computes bf16 ~500x slower than fp32.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> tuple[Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's targets, and how many targets there were."""
+    ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+    with _autocast(device):
+        logits = model(ids)  # (B, T, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch]) -> float:
+    """Mean per-target loss over held-out batches."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = summed_loss(model, batch, device)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Tensor]:
+    state = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return state
+
+
+def _set_rng_state(tensors: dict[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_state(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, counters: dict) -> None:
+    """One resumable checkpoint: trainable tensors, optimizer moments + RNG, counters and optimizer groups."""
+    from safetensors.torch import save_file
+
+    sd = opt.state_dict()
+    moments = {f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    with atomic_dir(directory) as tmp:
+        weights = {n: p.detach().cpu().contiguous() for n, p in trainable(model).items()}
+        save_file(weights, tmp / "trainable.safetensors")
+        save_file({k: v.cpu().contiguous() for k, v in (moments | _rng_state()).items()}, tmp / "optimizer.safetensors")
+        write_json(tmp / "state.json", {**counters, "param_groups": sd["param_groups"]})
+
+
+def load_state(directory: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Restore what save_state wrote; returns the counters."""
+    from safetensors.torch import load_file
+
+    state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    params = trainable(model)
+    with torch.no_grad():
+        for name, t in load_file(str(directory / "trainable.safetensors")).items():
+            params[name].copy_(t)
+    device = next(iter(params.values())).device
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    moments: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("opt."):
+            _, index, field = key.split(".", 2)
+            moments.setdefault(int(index), {})[field] = t if field == "step" else t.to(device)
+    opt.load_state_dict({"state": moments, "param_groups": state.pop("param_groups")})
+    _set_rng_state(tensors)
+    return state
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a killed write leaves only a hidden temporary, never a step-N)."""
+    found = [p for p in (run_dir / "checkpoints").glob("step-*") if CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in (run_dir / "checkpoints").glob(".step-*"):  # leftovers of a write that was killed
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- log and plot -------------------------------------------------------------------------------------------------
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _append_log(run_dir: Path, record: dict) -> None:
+    with open(run_dir / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(run_dir: Path) -> None:
+    """loss.png: training loss per step and held-out loss, from log.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    log = read_log(run_dir)
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    held = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if held:
+        ax.plot(*zip(*held, strict=True), "o-", label="held-out", linewidth=1.5)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with atomic_path(run_dir / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------
+
+
+def _resume(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Counters of the latest checkpoint (after loading it), with the log cut back to that step."""
+    found = checkpoints(run_dir)
+    if not found:
+        return {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    counters = load_state(found[-1], model, opt)
+    kept = [r for r in read_log(run_dir) if r["step"] <= counters["step"]]
+    write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    return counters
+
+
+def accumulate(model: nn.Module, micro: list[Batch], device: torch.device) -> tuple[float, int]:
+    """Forward and backward over one step's micro-batches; gradients are of the step's mean per-target loss."""
+    count = sum(int((b["targets"] != IGNORE).sum()) for b in micro)
+    total = 0.0
+    for batch in micro:
+        loss, _ = summed_loss(model, batch, device)
+        (loss / max(count, 1)).backward()
+        total += float(loss.detach())
+    return total / max(count, 1), sum(b["input_ids"].numel() for b in micro)
+
+
+def train(
+    model: nn.Module,
+    batches: Callable[[int], list[Batch]],
+    held_out: list[Batch],
+    cfg: TrainConfig,
+    run_dir: Path,
+    label: str = "training",
+) -> dict:
+    """Run (or continue, if run_dir holds checkpoints) until cfg.max_steps; returns the final counters."""
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    opt = make_optimizer(model, cfg)
+    counters = _resume(run_dir, model, opt)
+    params = list(trainable(model).values())
+    if counters["step"] == 0 and held_out:
+        _append_log(run_dir, {"step": 0, "eval_loss": evaluate(model, held_out)})
+    model.train()
+    with step_progress(label, cfg.max_steps, counters["step"], cfg.progress) as update:
+        while counters["step"] < cfg.max_steps:
+            step = counters["step"]
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, tokens = accumulate(model, batches(step), device)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            counters = {
+                "step": step + 1,
+                "tokens": counters["tokens"] + tokens,
+                "elapsed_s": counters["elapsed_s"] + dt,
+            }
+            record = {
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(norm),
+                "tokens": tokens,
+                "tok_s": round(tokens / dt, 1),
+            }
+            done = step + 1 == cfg.max_steps
+            if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+                record["eval_loss"] = evaluate(model, held_out)
+            _append_log(run_dir, record)
+            update(step + 1, f"loss {loss:.3f}  lr {lr:.2e}  {tokens / dt:,.0f} tok/s")
+            if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                save_state(run_dir / "checkpoints" / f"step-{step + 1:08d}", model, opt, counters)
+                _prune(run_dir, cfg.keep_last)
+    plot_losses(run_dir)
+    model.eval()
+    return counters
