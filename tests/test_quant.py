@@ -235,3 +235,18 @@ def test_quant_flag_quantizes_once_then_reuses(tmp_path: Path, monkeypatch: pyte
         assert torch.equal(first.model(ids), again.model(ids))
     with pytest.raises(LmforgeError, match="already quantized"):
         open_model(str(kept), "int8")
+
+
+def test_gptq_through_the_quantize_stage(tmp_path: Path) -> None:
+    src = _save_tiny(tmp_path / "float", "qwen2-tiny")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(CORPUS) * 4, encoding="utf-8")
+    main(QuantizeConfig(out=str(tmp_path / "q"), model=str(src), method="gptq", calib=str(calib), progress=False))
+    model, _ = load_checkpoint(tmp_path / "q")
+    assert scheme_of(model).method == "gptq"
+    (tmp_path / "bad.txt").write_bytes("你好".encode("gbk"))
+    with pytest.raises(LmforgeError, match="not UTF-8"):
+        main(QuantizeConfig(out=str(tmp_path / "g"), model=str(src), method="gptq", calib=str(tmp_path / "bad.txt")))
+    with pytest.raises(LmforgeError, match="--calib is the calibration text of --method gptq"):
+        main(QuantizeConfig(out=str(tmp_path / "g"), model=str(src), calib=str(calib)))
+    assert not (tmp_path / "g").exists()

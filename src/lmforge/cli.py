@@ -168,7 +168,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--embed-bits", choices=("4", "8", "none"), default="8", help="an untied embedding (default 8)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="round-to-nearest or calibrated GPTQ")
     p.add_argument("--calib", default=None, help="UTF-8 calibration text for gptq (default: shipped bilingual text)")
-    p.add_argument("--calib-samples", type=int, default=64, help="calibration sequences of 512 tokens")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 256 tokens (gptq)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 

@@ -26,8 +26,8 @@ class QuantizeConfig:
     embed_bits: int | None = 8  # an untied embedding table; a tied one shares the quantized head
     method: str = "rtn"
     calib: str | None = None  # UTF-8 text for GPTQ (default: the bilingual calibration text shipped with lmforge)
-    calib_samples: int = 64
-    calib_seq_len: int = 512
+    calib_samples: int = 32  # windows of calib_seq_len tokens spread over the text
+    calib_seq_len: int = 256
     progress: bool = True
 
 
@@ -57,6 +57,14 @@ def main(cfg: QuantizeConfig) -> dict:
         bits=cfg.bits, group_size=cfg.group_size, head_bits=cfg.head_bits, embed_bits=cfg.embed_bits, method=cfg.method
     )
     out = Path(cfg.out).expanduser()
+    if cfg.calib and scheme.method != "gptq":
+        raise LmforgeError("--calib is the calibration text of --method gptq; round-to-nearest reads none")
+    if scheme.method == "gptq":
+        from lmforge.quant.gptq import default_calibration_path, read_calibration_text
+
+        read_calibration_text(Path(cfg.calib).expanduser() if cfg.calib else default_calibration_path())
+    elif scheme.method != "rtn":
+        raise LmforgeError(f"lmforge quantize rounds with rtn or gptq, not {scheme.method!r}")
     source = resolve_model(cfg.model, progress=cfg.progress)
     if (existing := read_quantization(source)) is not None:
         raise LmforgeError(
@@ -97,8 +105,7 @@ def main(cfg: QuantizeConfig) -> dict:
 
 
 def _calibrated(model, tokenizer, scheme: QuantScheme, cfg: QuantizeConfig) -> dict:  # noqa: ANN001
-    from lmforge.quant.gptq import DEFAULT_CALIB, calibration_ids, gptq_pack
+    from lmforge.quant.gptq import calibration_ids, gptq_pack
 
-    path = Path(cfg.calib).expanduser() if cfg.calib else DEFAULT_CALIB
-    ids = calibration_ids(tokenizer, path, cfg.calib_samples, cfg.calib_seq_len)
+    ids = calibration_ids(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seq_len)
     return gptq_pack(model, scheme, ids, progress=cfg.progress)
