@@ -176,3 +176,11 @@ def test_decode_step_compiles_with_native_kernels() -> None:
         expected = run(plain, plain)
         got = run(fast, torch.compile(fast, fullgraph=True, dynamic=True))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_two_engines_can_share_one_model(tiny_tokenizer, tiny_model) -> None:  # noqa: ANN001
+    model = tiny_model
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    ids = tiny_tokenizer.encode("hello 你好")
+    first = Engine(model, tiny_tokenizer).generate([ids], params)[0].token_ids
+    assert Engine(model, tiny_tokenizer).generate([ids], params)[0].token_ids == first

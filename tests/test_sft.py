@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_lora_run_outputs_lineage_and_adapter_use(base: Path, tmp_path: Path, ca
         p.name for p in out.iterdir()
     }
     lineage = json.loads((out / "lineage.json").read_text())
-    assert lineage["settings"]["lora_rank"] == 8 and "sft" in lineage["command"]
+    assert lineage["settings"]["lora_rank"] == 8 and lineage["command"] == shlex.join(sys.argv)
     assert len(lineage["data_sha256"]) == 2 and lineage["parent"]["source"] == "tiny test model"
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "eval_loss" in r] == [0, 3, 6]

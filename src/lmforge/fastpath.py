@@ -174,6 +174,8 @@ def prepare_for_decode(model: Transformer) -> Transformer:
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32 or kernels.library() is None:
         return model
+    if any(isinstance(block, DecodeBlock) for block in model.layers):
+        return model  # prepared already (a second engine over the same model)
     for i, block in enumerate(model.layers):
         model.layers[i] = DecodeBlock(block, model.rope_cos, model.rope_sin)
     model.norm = DecodeRMSNorm(model.norm)
