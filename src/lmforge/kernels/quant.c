@@ -72,9 +72,13 @@ static inline __m256i unpack_q4_fast(const uint8_t* q) {
     return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
 }
 
-/* The combined scales d_w * d_x of eight blocks b0..b0+7, as floats in `out`: the weight scales of those blocks
-   (8 >> shift distinct fp16 values) widened and spread with one permute, instead of eight scalar conversions. */
-static inline void block_scales8(const uint16_t* d, const float* xd, int b0, int shift, float out[8]) {
+/* The combined scales d_w * d_x of blocks b0..b0+n-1 (n <= 8), as floats in `out`. For a full chunk of eight the
+   weight scales (8 >> shift distinct fp16 values) are widened and spread with one permute, not eight conversions. */
+static inline void block_scales(const uint16_t* d, const float* xd, int b0, int n, int shift, float out[8]) {
+    if (n < 8) { /* a row's last, partial chunk */
+        for (int j = 0; j < n; j++) out[j] = h2f(d[(b0 + j) >> shift]) * xd[b0 + j];
+        return;
+    }
     __m128i h;
     const uint16_t* src = d + (b0 >> shift);
     if (shift == 0) {
@@ -99,10 +103,7 @@ static float q4_row1(const uint8_t* q, const uint16_t* d, const uint16_t* mn, co
     float sc[8];
     for (int b = 0; b < nb; b += 8) {
         int n = nb - b < 8 ? nb - b : 8;
-        if (n == 8)
-            block_scales8(d, a->xd, b, shift, sc);
-        else
-            for (int j = 0; j < n; j++) sc[j] = h2f(d[(b + j) >> shift]) * a->xd[b + j];
+        block_scales(d, a->xd, b, n, shift, sc);
         for (int j = 0; j < n; j++) {
             __m256i x = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)(b + j) * QBLOCK));
             __m256 dot = dot_u8s8(unpack_q4_fast(q + (size_t)(b + j) * 16), x);
@@ -128,10 +129,7 @@ static float q8_row1(const int8_t* q, const uint16_t* d, const Acts* a) {
     float sc[8];
     for (int b = 0; b < nb; b += 8) {
         int n = nb - b < 8 ? nb - b : 8;
-        if (n == 8)
-            block_scales8(d, a->xd, b, shift, sc);
-        else
-            for (int j = 0; j < n; j++) sc[j] = h2f(d[(b + j) >> shift]) * a->xd[b + j];
+        block_scales(d, a->xd, b, n, shift, sc);
         for (int j = 0; j < n; j++) {
             const int8_t* qb = q + (size_t)(b + j) * QBLOCK;
             __m256i w = _mm256_loadu_si256((const __m256i*)qb);
