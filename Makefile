@@ -28,7 +28,11 @@ test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/python -m pytest -q
 
-bench: $(VENV)/.test
+$(VENV)/.bench: $(VENV)/.test
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench
 	$(VENV)/bin/python bench/decode.py --model smollm2-135m-instruct
 	$(VENV)/bin/python bench/decode.py --model $(MODEL)
 

@@ -1,0 +1,1 @@
+"""The corpus pipeline: clean, deduplicate, tokenize and describe pretraining text (`lmforge data ...`)."""
