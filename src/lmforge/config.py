@@ -58,6 +58,27 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6,
         max_seq_len=1024,
     ),
+    # Pretraining sizes (`lmforge pretrain --preset`); names give the parameter count at the named vocabulary.
+    "llama-5m": ModelConfig(
+        vocab_size=8192, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4,
+        max_seq_len=512, tie_embeddings=True,
+    ),
+    "llama-42m": ModelConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8, num_kv_heads=8,
+        max_seq_len=1024, tie_embeddings=True,
+    ),
+    "llama-110m": ModelConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=12,
+        max_seq_len=2048, tie_embeddings=True,
+    ),
+    "llama-340m": ModelConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=24, num_heads=16, num_kv_heads=16,
+        max_seq_len=2048, tie_embeddings=True,
+    ),
+    "llama-1.1b": ModelConfig(  # TinyLlama's shape
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32, num_kv_heads=4,
+        max_seq_len=2048,
+    ),
 }
 
 

@@ -119,7 +119,7 @@ class TokenShards:
             bin_path, idx_path = directory / s["bin"], directory / s["idx"]
             for p in (bin_path, idx_path):
                 if not p.is_file():
-                    raise LmforgeError(f"{p}: shard file missing (the manifest lists it); re-run `lmforge data tokenize`")
+                    raise LmforgeError(f"{p}: shard file missing (the manifest lists it); re-run lmforge data tokenize")
             if verify and sha256_file(bin_path) != s["sha256"]:
                 raise LmforgeError(f"{bin_path}: content does not match the manifest's SHA-256")
             shards.tokens.append(np.memmap(bin_path, dtype=dtype, mode="r"))

@@ -1,8 +1,9 @@
-"""The training loop every lmforge stage shares (instruction tuning now, pretraining next).
+"""The training loop every lmforge stage shares (instruction tuning and pretraining).
 
 What it does, for any model whose trainable parameters have `requires_grad` set:
 - AdamW with two weight-decay groups (matrices decay; biases, norm weights and other vectors do not), linear
-  warmup then cosine decay to `min_lr_ratio * lr`, gradient accumulation over micro-batches, norm clipping;
+  warmup then cosine decay to `min_lr_ratio * lr` (or warmup-stable-decay, "wsd"), gradient accumulation over
+  micro-batches, norm clipping;
 - next-token cross-entropy over `targets` (IGNORE where no loss applies), averaged over the step's targets, so a
   step means the same whatever the split into micro-batches; bf16 autocast on CUDA, plain fp32 elsewhere;
 - a progress bar (loss, lr, tokens/s), a JSONL log, held-out loss every `eval_every` steps, a loss-curve PNG;
@@ -10,6 +11,9 @@ What it does, for any model whose trainable parameters have `requires_grad` set:
   the optimizer's moments and the RNG states as safetensors, the step and counters as JSON (never a pickle).
 Exact resume: data comes from `batches(step)`, a pure function of the step number, so restoring the step, the
 trainable tensors, the optimizer state and the RNG state continues the same run bit for bit on the same machine.
+Self-healing (optional, train/healing.py): a NaN or spiking loss is caught before the optimizer step, the run rolls
+back to the last checkpoint, skips the offending data and may cool the learning rate down; every event is logged.
+Distributed runs pass a `Runtime` (train/distributed.py) that averages across ranks and saves sharded state.
 It does not build models, read data files or decide what to save at the end; the stage calling it does.
 """
 
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +36,9 @@ from torch import Tensor, nn
 
 from lmforge.fileio import atomic_dir, atomic_path, write_json, write_text
 from lmforge.progress import step_progress
+
+if TYPE_CHECKING:
+    from lmforge.train.healing import Healer
 
 IGNORE = -100
 Batch = dict[str, Tensor]  # input_ids (B, T) and targets (B, T)
@@ -50,15 +58,24 @@ class TrainConfig:
     save_every: int = 0  # 0 = checkpoint only at the end
     keep_last: int = 2
     progress: bool = True
+    schedule: str = "cosine"  # or "wsd": warmup, constant, then linear decay over the last decay_ratio of steps
+    decay_ratio: float = 0.2
+    flops_per_token: float = 0.0  # with peak_flops, logs model FLOPs utilisation (MFU)
+    peak_flops: float = 0.0
+    bytes_per_token: float = 0.0  # of the held-out text; logs bits per byte beside the held-out loss
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine down to min_lr_ratio * lr."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine (or WSD) to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay = max(1, round(cfg.decay_ratio * cfg.max_steps))
+        into = step - (cfg.max_steps - decay)
+        return cfg.lr if into < 0 else cfg.lr - (cfg.lr - floor) * min(1.0, (into + 1) / decay)
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -209,14 +226,32 @@ def plot_losses(run_dir: Path) -> None:
 # --- the loop -----------------------------------------------------------------------------------------------------
 
 
-def _resume(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+@dataclass
+class Runtime:
+    """How the loop meets its process group. The default is one process; train/distributed.py makes the torchrun one."""
+
+    world: int = 1
+    is_main: bool = True  # only the main rank writes the log, the plot and the progress bar
+    mean: Callable[[float], float] = float  # average of a per-rank value over all ranks
+    save: Callable[[Path, nn.Module, torch.optim.Optimizer, dict], None] = save_state
+    load: Callable[[Path, nn.Module, torch.optim.Optimizer], dict] = load_state
+    barrier: Callable[[], None] = lambda: None
+
+
+def _cut_log(run_dir: Path, step: int) -> None:
+    """Forget training records past `step` (they will be redone); healing events stay as the run's history."""
+    kept = [r for r in read_log(run_dir) if r["step"] <= step or "event" in r]
+    write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _resume(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, rt: Runtime) -> dict:
     """Counters of the latest checkpoint (after loading it), with the log cut back to that step."""
     found = checkpoints(run_dir)
     if not found:
         return {"step": 0, "tokens": 0, "elapsed_s": 0.0}
-    counters = load_state(found[-1], model, opt)
-    kept = [r for r in read_log(run_dir) if r["step"] <= counters["step"]]
-    write_text(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    counters = rt.load(found[-1], model, opt)
+    if rt.is_main:
+        _cut_log(run_dir, counters["step"])
     return counters
 
 
@@ -238,50 +273,103 @@ def train(
     cfg: TrainConfig,
     run_dir: Path,
     label: str = "training",
+    healer: Healer | None = None,
+    runtime: Runtime | None = None,
 ) -> dict:
     """Run (or continue, if run_dir holds checkpoints) until cfg.max_steps; returns the final counters."""
+    rt = runtime or Runtime()
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    rt.barrier()
     device = next(model.parameters()).device
     opt = make_optimizer(model, cfg)
-    counters = _resume(run_dir, model, opt)
+    counters = _resume(run_dir, model, opt, rt)
     params = list(trainable(model).values())
-    if counters["step"] == 0 and held_out:
-        _append_log(run_dir, {"step": 0, "eval_loss": evaluate(model, held_out)})
+    if counters["step"] == 0:
+        if held_out:
+            _log(run_dir, rt, _eval_record(0, model, held_out, cfg))
+        if healer is not None:  # a rollback needs a good state to return to
+            _save(run_dir, model, opt, counters, cfg, rt)
     model.train()
-    with step_progress(label, cfg.max_steps, counters["step"], cfg.progress) as update:
+    with step_progress(label, cfg.max_steps, counters["step"], cfg.progress and rt.is_main) as update:
         while counters["step"] < cfg.max_steps:
             step = counters["step"]
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
+            lr = lr_at(step, cfg) * (healer.lr_scale(counters) if healer else 1.0)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, tokens = accumulate(model, batches(step), device)
+            data_step = healer.data_step(step, counters) if healer else step
+            loss, tokens = accumulate(model, batches(data_step), device)
+            loss, tokens = rt.mean(loss), tokens * rt.world
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+            problem = healer.check(loss, norm, counters) if healer else None
+            if problem:
+                opt.zero_grad(set_to_none=True)
+                counters = _roll_back(run_dir, model, opt, counters, healer, problem | {"data_step": data_step}, rt)
+                continue
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            counters = {
+            counters = counters | {
                 "step": step + 1,
                 "tokens": counters["tokens"] + tokens,
                 "elapsed_s": counters["elapsed_s"] + dt,
             }
-            record = {
-                "step": step + 1,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": float(norm),
-                "tokens": tokens,
-                "tok_s": round(tokens / dt, 1),
-            }
+            if healer:
+                counters = healer.observe(loss, counters)
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens}
+            record |= _speed(tokens, dt, cfg)
             done = step + 1 == cfg.max_steps
             if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                record["eval_loss"] = evaluate(model, held_out)
-            _append_log(run_dir, record)
-            update(step + 1, f"loss {loss:.3f}  lr {lr:.2e}  {tokens / dt:,.0f} tok/s")
+                record |= _eval_record(step + 1, model, held_out, cfg)
+            _log(run_dir, rt, record)
+            if rt.is_main:
+                update(step + 1, f"loss {loss:.3f}  lr {lr:.2e}  {tokens / dt:,.0f} tok/s")
             if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_state(run_dir / "checkpoints" / f"step-{step + 1:08d}", model, opt, counters)
-                _prune(run_dir, cfg.keep_last)
-    plot_losses(run_dir)
+                _save(run_dir, model, opt, counters, cfg, rt)
+    if rt.is_main:
+        plot_losses(run_dir)
     model.eval()
     return counters
+
+
+def _speed(tokens: int, dt: float, cfg: TrainConfig) -> dict:
+    speed = {"tok_s": round(tokens / dt, 1)}
+    if cfg.flops_per_token and cfg.peak_flops:
+        speed["mfu"] = round(tokens * cfg.flops_per_token / dt / cfg.peak_flops, 4)
+    return speed
+
+
+def _eval_record(step: int, model: nn.Module, held_out: list[Batch], cfg: TrainConfig) -> dict:
+    loss = evaluate(model, held_out)
+    record = {"step": step, "eval_loss": loss}
+    if cfg.bytes_per_token:
+        record["eval_bpb"] = loss / math.log(2) / cfg.bytes_per_token  # nats/token -> bits/byte
+    return record
+
+
+def _log(run_dir: Path, rt: Runtime, record: dict) -> None:
+    if rt.is_main:
+        _append_log(run_dir, record)
+
+
+def _save(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, counters: dict, cfg: TrainConfig,
+          rt: Runtime) -> None:
+    rt.save(run_dir / "checkpoints" / f"step-{counters['step']:08d}", model, opt, counters)
+    rt.barrier()
+    if rt.is_main:
+        _prune(run_dir, cfg.keep_last)
+    rt.barrier()
+
+
+def _roll_back(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, counters: dict, healer: Healer,
+               problem: dict, rt: Runtime) -> dict:
+    """Return to the last checkpoint, keeping the healing history (skipped data, rollbacks) that led here."""
+    kept = healer.after_problem(counters, problem)  # raises once the rollbacks are used up
+    restored = rt.load(checkpoints(run_dir)[-1], model, opt)
+    if rt.is_main:
+        _cut_log(run_dir, restored["step"])
+        _append_log(run_dir, {"step": counters["step"] + 1, "event": problem.pop("reason"), **problem,
+                              "rolled_back_to": restored["step"]})
+    return restored | kept
