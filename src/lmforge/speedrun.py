@@ -36,7 +36,7 @@ PRESETS = {
     "ci-micro": SpeedrunPreset(docs=300, vocab_size=800, model="llama-tiny", seq_len=64, batch_size=8, steps=40,
                                lr=3e-3, sft_steps=4, workers=1),
     "cpu-tiny": SpeedrunPreset(docs=20000, vocab_size=4096, model="llama-5m", seq_len=256, batch_size=8, steps=300,
-                               lr=2e-3, sft_steps=40),
+                               lr=2e-3, sft_steps=150),
     "gpu-small": SpeedrunPreset(docs=200000, vocab_size=8192, model="llama-42m", seq_len=512, batch_size=32,
                                 steps=3000, lr=1e-3, sft_steps=300),
 }
