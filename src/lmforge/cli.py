@@ -506,6 +506,56 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_tokenizer_train)
 
 
+def cmd_judge(args: argparse.Namespace) -> None:
+    from lmforge.engine import Engine
+    from lmforge.eval import judge
+    from lmforge.loader import open_model
+
+    if bool(args.judge_url) == bool(args.judge_local):
+        raise LmforgeError("give the judge as --judge-url URL --judge-model NAME, or as --judge-local MODEL")
+    if args.judge_url and not args.judge_model:
+        raise LmforgeError("--judge-url needs --judge-model (the model name the server expects)")
+    questions = judge.read_prompts(Path(args.prompts) if args.prompts else None)[: args.limit]
+    answers = []
+    for model, quant, adapter in ((args.model, args.quant, args.adapter),
+                                  (args.against or args.model, args.against_quant, args.against_adapter)):
+        loaded = open_model(model, quant, adapter)
+        answers.append(judge.answer(Engine(loaded.model, loaded.tokenizer), questions, args.max_new_tokens))
+        del loaded
+    if args.judge_url:
+        ask, judge_name = judge.openai_judge(args.judge_url, args.judge_model, args.judge_key), args.judge_model
+    else:
+        loaded = open_model(args.judge_local, None, None)
+        ask, judge_name = judge.local_judge(Engine(loaded.model, loaded.tokenizer)), args.judge_local
+    names = (_contender(args.model, args.quant, args.adapter),
+             _contender(args.against or args.model, args.against_quant, args.against_adapter))
+    results = judge.write_results(Path(args.out), names, judge_name, judge.compare(questions, *answers, ask))
+    print(json.dumps(results, ensure_ascii=False, indent=2))
+
+
+def _contender(model: str | None, quant: str | None, adapter: str | None) -> str:
+    return " ".join([model or "default"] + ([f"--quant {quant}"] if quant else []) +
+                    ([f"--adapter {adapter}"] if adapter else []))
+
+
+def _add_judge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("judge", help="pairwise model-as-judge comparison of two models or settings (position-swapped)")
+    _add_model(p)
+    p.add_argument("--against", default=None, help="the second contender's model (default: the same as --model)")
+    p.add_argument("--against-quant", default=None, help="the second contender's --quant")
+    p.add_argument("--against-adapter", default=None, help="the second contender's --adapter")
+    p.add_argument("--prompts", default=None, help="JSONL with a prompt field per line (default: 20 shipped, en+zh)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per contender answer")
+    g = p.add_argument_group("judge (one of)")
+    g.add_argument("--judge-url", default=None, help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--judge-model", default=None, help="the model name to send to --judge-url")
+    g.add_argument("--judge-key", default=None, help="API key for --judge-url")
+    g.add_argument("--judge-local", default=None, help="a local model (catalog name, .gguf or directory) as judge")
+    p.add_argument("--out", default="judge-results", help="results directory")
+    p.set_defaults(func=cmd_judge)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="From corpus to chat, bilingual by design.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -584,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     _add_sft(sub)
     _add_quantize(sub)
+    _add_judge(sub)
     _add_data(sub)
     _add_tokenizer(sub)
     _add_pretrain(sub)

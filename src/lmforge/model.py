@@ -246,7 +246,8 @@ class Transformer(nn.Module):
 
         keep: compute logits only where they are read: an int index shared by all rows (-1 = last) or a (B,)
         tensor of per-row indices gives (B, 1, vocab); a (B, K) tensor of per-row indices gives (B, K, vocab)
-        (scoring reads many positions). Skips the head's work on tokens nobody reads.
+        (scoring reads many positions); a (B, T) bool mask gives (N, vocab) for its N true positions (training
+        reads only positions with targets). Skips the head's work on tokens nobody reads.
         """
         b, t = input_ids.shape
         if self.prefix is not None:
@@ -261,6 +262,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, positions, layer_cache)
         if isinstance(keep, int):
             x = x[:, keep:][:, :1]
+        elif keep is not None and keep.dtype == torch.bool:
+            x = x[keep]  # (N, H)
         elif keep is not None:
             rows = keep if keep.dim() == 2 else keep[:, None]  # (B, K)
             x = x[torch.arange(b, device=x.device)[:, None], rows]

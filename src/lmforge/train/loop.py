@@ -101,10 +101,11 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> tuple[Tensor, int]:
     """Sum of next-token cross-entropy over the batch's targets, and how many targets there were."""
     ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
+    read = targets != IGNORE  # the head runs only where a target is read: about half the tokens in SFT
     with _autocast(device):
-        logits = model(ids)  # (B, T, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())
+        logits = model(ids, keep=read)  # (N, V)
+    loss = F.cross_entropy(logits.float(), targets[read], reduction="sum")
+    return loss, int(read.sum())
 
 
 @torch.no_grad()
