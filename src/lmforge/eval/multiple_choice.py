@@ -170,7 +170,12 @@ def pick_shots(q: Question, dev: list[Question], k: int) -> list[Question]:
 
 @torch.inference_mode()
 def score_continuations(model: Transformer, prefix: list[int], continuations: list[list[int]]) -> list[float]:
-    """Log-likelihood (nats) of each continuation after `prefix`, in one forward that shares the prefix.
+    """Log-likelihood (nats) of each continuation after `prefix`, in one forward that shares the prefix."""
+    return [logp for logp, _ in score_greedy(model, prefix, continuations)]
+
+
+def score_greedy(model: Transformer, prefix: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+    """(log-likelihood, whether greedy decoding would produce it) of each continuation after `prefix`.
 
     The prefix runs once into a one-row cache; the cache is copied to one row per continuation, and the
     continuations (right-padded; padding comes after each row's real tokens, so no real token sees it) run
@@ -188,7 +193,8 @@ def score_continuations(model: Transformer, prefix: list[int], continuations: li
     # Token j of a continuation is predicted by position j - 1; token 0 by the prefix's last position.
     logits = torch.cat([first.expand(rows, -1, -1), logits[:, :-1]], dim=1).float()
     logp = F.log_softmax(logits, dim=-1).gather(-1, x[..., None])[..., 0]  # (B, T)
-    return [logp[i, : len(c)].sum().item() for i, c in enumerate(continuations)]
+    greedy = logits.argmax(-1) == x  # (B, T)
+    return [(logp[i, : len(c)].sum().item(), bool(greedy[i, : len(c)].all())) for i, c in enumerate(continuations)]
 
 
 @dataclass
