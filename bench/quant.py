@@ -3,9 +3,11 @@
     python bench/quant.py [--models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct] [--tokens 64] [--prompt 256]
 
 For each model the float reference is lmforge's float checkpoint (the catalog GGUF, dequantized). From it:
-- ours: fp32, INT8, INT4 (round-to-nearest) and INT4 GPTQ, made by `lmforge quantize`;
+- ours: fp32, INT8, INT4 (round-to-nearest on searched grids), INT4 mixed (q|k|v and down projections at INT8,
+  `--quant int4:mixed`) and INT4 GPTQ, made by `lmforge quantize`;
 - llama.cpp: the float weights exported to an f32 GGUF (`lmforge export`), then quantized by llama.cpp's own
-  quantizer (`llama_model_quantize`) to Q8_0 and Q4_K_M; also the GGUF file the catalog ships, as its authors made it.
+  quantizer (`llama_model_quantize`) to Q8_0, Q4_K_M and Q4_1 (the same 5 bits per weight as our INT4); also the
+  GGUF file the catalog ships, as its authors made it.
 Every setting runs in its own subprocess (so peak RSS is its own) and reports weight MB, decode and prefill tok/s
 and perplexity on the bilingual held-out text lmforge ships. Perplexity feeds both runtimes the same token ids in
 the same sliding windows (lmforge.eval.perplexity.windows). Note: llama.cpp's quantized products round the
@@ -32,8 +34,9 @@ from pathlib import Path
 import torch
 
 WINDOW, STRIDE = 512, 256  # perplexity windows, the same for both runtimes
-OURS = {"fp32": None, "int8": "int8", "int4": "int4", "int4-gptq": "int4-gptq"}
-LLAMA = {"f32": None, "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "shipped": None}
+# our settings: label, bits, method
+OURS = (("int8", 8, "rtn"), ("int4", 4, "rtn"), ("int4:mixed", 4, "rtn"), ("int4-gptq", 4, "gptq"))
+LLAMA = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
 
 
 def _prompt_ids(encode, n: int) -> list[int]:  # noqa: ANN001
@@ -135,17 +138,19 @@ def prepare(name: str, work: Path, gptq: bool) -> tuple[Path, dict[str, Path]]:
     """The float checkpoint and every setting's weights (made once, kept under `work` for re-runs)."""
     from lmforge.catalog import resolve_model
     from lmforge.quant.quantize import QuantizeConfig, main
+    from lmforge.quant.scheme import RECIPES
 
     source = resolve_model(name)
     work.mkdir(parents=True, exist_ok=True)
     settings: dict[str, Path] = {"ours fp32": source}
-    for label, bits, method in (("int8", 8, "rtn"), ("int4", 4, "rtn"), ("int4-gptq", 4, "gptq")):
+    for label, bits, method in OURS:
         if method == "gptq" and not gptq:
             continue
-        out = work / label
+        out = work / label.replace(":", "-")
         if not out.exists():
             t = time.perf_counter()
-            main(QuantizeConfig(out=str(out), model=str(source), bits=bits, method=method))
+            keep = RECIPES["mixed"] if label.endswith(":mixed") else ()
+            main(QuantizeConfig(out=str(out), model=str(source), bits=bits, method=method, int8_layers=keep))
             print(f"  quantized {label} in {time.perf_counter() - t:.0f} s", flush=True)
         settings[f"ours {label}"] = out
     try:
@@ -159,7 +164,7 @@ def prepare(name: str, work: Path, gptq: bool) -> tuple[Path, dict[str, Path]]:
     if not f32.exists():
         export_gguf(source, f32)
     settings["llama.cpp f32"] = f32
-    for label in ("Q8_0", "Q4_K_M"):
+    for label in ("Q8_0", "Q4_K_M", "Q4_1"):
         out = work / f"float-{label}.gguf"
         if not out.exists():
             params = llama_cpp.llama_model_quantize_default_params()
@@ -219,7 +224,13 @@ def report(name: str, results: dict[str, dict]) -> None:
             f"| {label} | {m['weight_mb']:.0f} | {m['peak_rss_mb']:.0f} | {m['decode_tps']:.1f} | "
             f"{m['prefill_tps']:.1f} | {m['ppl']:.3f} | {rel} |"
         )
-    pairs = (("ours int4", "llama.cpp Q4_K_M"), ("ours int4-gptq", "llama.cpp Q4_K_M"), ("ours int8", "llama.cpp Q8_0"))
+    pairs = (
+        ("ours int4", "llama.cpp Q4_K_M"),
+        ("ours int4", "llama.cpp Q4_1"),  # the same 5 bits per weight: 4-bit codes, fp16 scale and offset per 32
+        ("ours int4:mixed", "llama.cpp Q4_K_M"),
+        ("ours int4-gptq", "llama.cpp Q4_K_M"),
+        ("ours int8", "llama.cpp Q8_0"),
+    )
     for ours, theirs in pairs:
         if ours in results and theirs in results:
             a, b = results[ours], results[theirs]

@@ -3,6 +3,7 @@ against their float selves, checkpoints round trip, and bad input refused with n
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -27,11 +28,19 @@ def _weight(n: int = 96, k: int = 256, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, k, generator=g) * 0.05
 
 
+def _min_max(w: torch.Tensor, bits: int, group: int) -> pack.Packed:
+    """Round-to-nearest on each group's full range (INT4 without the grid search)."""
+    if bits == 8:
+        return pack.quantize_rtn(w, 8, group)
+    d, m = pack.int4_grid(w, group)
+    return pack.Packed(pack.pack_codes(pack.round_to_grid(w, d, m, group), 4), d, m)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_round_trip_error_is_within_half_a_step(bits: int, group: int) -> None:
     w = _weight()
-    p = pack.quantize_rtn(w, bits, group)
+    p = _min_max(w, bits, group)
     back = pack.dequantize(p, bits, group)
     step = p.scales.float().repeat_interleave(group, dim=1)
     # Half a quantization step, plus the fp16 rounding of the scale and offset themselves.
@@ -40,6 +49,22 @@ def test_round_trip_error_is_within_half_a_step(bits: int, group: int) -> None:
         pack.unpack_codes(p.qweight, bits),
         pack.unpack_codes(pack.pack_codes(pack.unpack_codes(p.qweight, bits), bits), bits),
     )
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_searched_int4_grid_beats_the_full_range_and_keeps_grid_weights_exact(group: int) -> None:
+    w = _weight(64, 256, seed=1)
+    w[::7, ::11] *= 8  # outliers: a few weights stretch their group's range, coarsening the step for the rest
+    per_group = lambda p: ((pack.dequantize(p, 4, group) - w) ** 2).reshape(64, -1, group).sum(-1)  # noqa: E731
+    full, searched = per_group(_min_max(w, 4, group)), per_group(pack.quantize_rtn(w, 4, group))
+    assert (searched <= full * 1.001 + 1e-12).all()  # never worse in any group (fp16 rounding aside)
+    assert searched.sum() < 0.9 * full.sum()  # and clearly better overall
+    # Weights already on a 16-level grid (a GGUF Q4_1 model's) come back exactly, as with the full range.
+    codes = torch.randint(0, 16, (8, group), generator=torch.Generator().manual_seed(2))
+    codes[:, 0], codes[:, 1] = 0, 15
+    d, m = torch.tensor(0.0125).half().float(), torch.tensor(-0.1).half().float()  # fp16 grids, as GGUF stores
+    on_grid = codes.float() * d + m
+    torch.testing.assert_close(pack.dequantize(pack.quantize_rtn(on_grid, 4, group), 4, group), on_grid)
 
 
 @pytest.mark.parametrize(("bits", "gguf_type"), [(4, "Q4_1"), (8, "Q8_0")])
@@ -142,6 +167,11 @@ def test_int8_model_decodes_like_float_and_int4_stays_close(preset: str) -> None
     assert float_loss < 0.05
     assert abs(math.exp(_loss(int8, ids) - float_loss) - 1) < 0.005
     assert abs(math.exp(_loss(int4, ids) - float_loss) - 1) < 0.03
+    mixed = quantize_(fresh(), QuantScheme.parse("int4:mixed"), progress=False)
+    assert abs(math.exp(_loss(mixed, ids) - float_loss) - 1) < 0.03
+    _greedy(mixed, tok, prompt, n=2)  # the engine swaps in its decode blocks: INT8 q|k|v, INT4 o and gate|up, ...
+    if kernels.library() is not None:  # ... and each block still runs as one native call
+        assert all(block._planned for block in mixed.layers)
 
 
 def _save_tiny(directory: Path, preset: str) -> Path:
@@ -163,6 +193,33 @@ def test_quantized_checkpoint_round_trips(tmp_path: Path, preset: str) -> None:
         assert torch.equal(loaded(ids), fresh(ids))
     assert _greedy(loaded, tok, "hello") == _greedy(fresh, tok, "hello")
     assert "lm_head.qweight" in (tmp_path / "q" / "model.safetensors").read_bytes()[:20000].decode("latin-1")
+
+
+def test_mixed_recipe_keeps_qkv_and_down_projections_at_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmforge.loader import open_model
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    src = _save_tiny(tmp_path / "float", "qwen2-tiny")
+    scheme = QuantScheme.parse("int4:mixed")
+    assert scheme.label == "int4:mixed"
+    assert QuantScheme.from_config(json.loads(json.dumps(scheme.to_config())), "config.json") == scheme
+    model = open_model(str(src), "int4:mixed").model
+    bits = {name: m.bits for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert bits["layers.0.self_attn.v_proj"] == bits["layers.1.mlp.down_proj"] == bits["lm_head"] == 8
+    assert bits["layers.0.self_attn.q_proj"] == bits["layers.0.self_attn.k_proj"] == 8  # q|k|v stack in one kernel
+    assert bits["layers.0.self_attn.o_proj"] == bits["layers.1.mlp.up_proj"] == bits["layers.1.mlp.gate_proj"] == 4
+    assert scheme_of(model) == scheme
+    plain = open_model(str(src), "int4").model  # a separate cached checkpoint, not the mixed one reused
+    assert plain.layers[0].self_attn.v_proj.bits == 4
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(CORPUS) * 4, encoding="utf-8")
+    out = tmp_path / "gptq"
+    main(QuantizeConfig(out=str(out), model=str(src), method="gptq", calib=str(calib), progress=False,
+                        int8_layers=scheme.int8_layers))
+    gptq, _ = load_checkpoint(out)
+    assert gptq.layers[1].mlp.down_proj.bits == 8 and gptq.layers[1].mlp.gate_proj.bits == 4
+    with pytest.raises(LmforgeError, match="needs bits 4"):
+        QuantScheme.parse("int8:mixed")
 
 
 def test_bad_input_is_refused_and_nothing_written(tmp_path: Path) -> None:

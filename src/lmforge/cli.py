@@ -47,7 +47,7 @@ def _sampling(args: argparse.Namespace):  # noqa: ANN202 - imported lazily
 def _add_model(p: argparse.ArgumentParser) -> None:
     """--model, --quant and --adapter: the flags every command that runs a model shares (see loader.open_model)."""
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--quant", default=None, help="quantize on load: int8 or int4 (optionally :g32|:g64|:g128)")
+    p.add_argument("--quant", default=None, help="quantize on load: int8 or int4, e.g. int4:g64, int4:mixed")
     p.add_argument("--adapter", default=None, help="a LoRA / P-Tuning v2 adapter directory to apply on top")
 
 
@@ -137,6 +137,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from lmforge.quant.quantize import QuantizeConfig, main
+    from lmforge.quant.scheme import RECIPES
 
     head = None if args.head_bits == "none" else int(args.head_bits)
     embed = None if args.embed_bits == "none" else int(args.embed_bits)
@@ -148,6 +149,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         head_bits=head,
         embed_bits=embed,
         method=args.method,
+        int8_layers=RECIPES[args.recipe] if args.recipe else (),
         calib=args.calib,
         calib_samples=args.calib_samples,
     )
@@ -167,6 +169,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-bits", choices=("4", "8", "none"), default="8", help="the output head (default 8)")
     p.add_argument("--embed-bits", choices=("4", "8", "none"), default="8", help="an untied embedding (default 8)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="round-to-nearest or calibrated GPTQ")
+    p.add_argument("--recipe", choices=("mixed",), default=None,
+                   help="mixed: keep the q/k/v and MLP down projections of an INT4 model at INT8")
     p.add_argument("--calib", default=None, help="UTF-8 calibration text for gptq (default: shipped bilingual text)")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 256 tokens (gptq)")
     p.add_argument("--out", required=True)

@@ -53,7 +53,11 @@ def quantized(directory: Path, quant: str) -> Path:
     scheme = QuantScheme.parse(quant)
     existing = read_quantization(directory)
     if existing is not None:
-        if (existing.bits, existing.group_size) != (scheme.bits, scheme.group_size):
+        if (existing.bits, existing.group_size, existing.int8_layers) != (
+            scheme.bits,
+            scheme.group_size,
+            scheme.int8_layers,
+        ):
             raise LmforgeError(
                 f"{directory} is already quantized ({existing.label}); drop --quant or give its float checkpoint"
             )
@@ -63,5 +67,13 @@ def quantized(directory: Path, quant: str) -> Path:
     out = cache_dir() / "quantized" / f"{directory.parent.name}-{scheme.label.replace(':', '-')}-{key}"
     if not is_checkpoint(out):
         print(f"lmforge: quantizing {directory} to {scheme.label} once; kept at {out}", file=sys.stderr)
-        main(QuantizeConfig(out=str(out), model=str(directory), bits=scheme.bits, group_size=scheme.group_size))
+        main(
+            QuantizeConfig(
+                out=str(out),
+                model=str(directory),
+                bits=scheme.bits,
+                group_size=scheme.group_size,
+                int8_layers=scheme.int8_layers,
+            )
+        )
     return out

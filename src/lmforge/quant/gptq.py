@@ -14,7 +14,7 @@ How this implementation does it:
   pass (rows are independent in GPTQ, so this is exact), which saves Cholesky factorizations and Python loops;
 - lazy batch updates over 128 columns; dampening of 1% of the mean Hessian diagonal; the upper Cholesky factor
   of the inverse Hessian, computed in float64, gives the error propagation row by row;
-- group grids (pack.int4_grid / int8_grid) are chosen when a group starts, from that group's current weights,
+- group grids (pack.int4_grid_searched / int8_grid) are chosen when a group starts, from that group's current weights,
   i.e. after earlier columns' errors have been pushed onto them; the codes and fp16 grids are stored as is;
 - dead columns (inputs that are zero on the whole calibration text) keep their weights and are rounded to nearest
   without spreading error; the paper's code zeroes them, but an input silent on the calibration text may still
@@ -139,7 +139,7 @@ def _group_grid(w: Tensor, bits: int) -> tuple[Tensor, Tensor | None]:
     """fp16 scale and offset (N, 1) for one group's current weights w (N, group)."""
     if bits == 8:
         return pack.int8_grid(w, w.shape[1]), None
-    return pack.int4_grid(w, w.shape[1])
+    return pack.int4_grid_searched(w, w.shape[1])
 
 
 @torch.no_grad()
@@ -232,26 +232,38 @@ def _rope_for(rope: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     return cos[: x.shape[1]], sin[: x.shape[1]]  # (T, D): positions 0..T-1
 
 
-def _quantize_block(block: nn.Module, hessians: dict[str, Tensor], scheme: QuantScheme) -> dict[str, pack.Packed]:
-    """GPTQ for each shared-input group of the block, stacked by rows, then split back per linear ("mlp.up_proj")."""
+def _quantize_block(
+    block: nn.Module, index: int, hessians: dict[str, Tensor], scheme: QuantScheme
+) -> dict[str, pack.Packed]:
+    """GPTQ for each shared-input group of the block, stacked by rows (one pass per bit width), then split back per
+    linear ("mlp.up_proj")."""
     out = {}
     for names in SHARED_INPUTS:
-        weights = [block.get_submodule(name).weight for name in names]
-        stacked = gptq_quantize(torch.cat(weights), hessians[names[0]], scheme.bits, scheme.group_size)
-        rows = [len(w) for w in weights]
-        mins = stacked.mins.split(rows) if stacked.mins is not None else [None] * len(names)
-        for name, q, d, m in zip(names, stacked.qweight.split(rows), stacked.scales.split(rows), mins, strict=True):
-            out[name] = pack.Packed(q.contiguous(), d.contiguous(), None if m is None else m.contiguous())
+        for bits in sorted({scheme.bits_for(f"layers.{index}.{name}") for name in names}):
+            alike = [name for name in names if scheme.bits_for(f"layers.{index}.{name}") == bits]
+            weights = [block.get_submodule(name).weight for name in alike]
+            stacked = gptq_quantize(torch.cat(weights), hessians[names[0]], bits, scheme.group_size)
+            rows = [len(w) for w in weights]
+            mins = stacked.mins.split(rows) if stacked.mins is not None else [None] * len(alike)
+            parts = zip(alike, stacked.qweight.split(rows), stacked.scales.split(rows), mins, strict=True)
+            for name, q, d, m in parts:
+                out[name] = pack.Packed(q.contiguous(), d.contiguous(), None if m is None else m.contiguous())
     return out
 
 
 def _run_quantized(
-    block: nn.Module, packed: dict[str, pack.Packed], scheme: QuantScheme, xs: list[Tensor], rope: tuple[Tensor, Tensor]
+    block: nn.Module,
+    index: int,
+    packed: dict[str, pack.Packed],
+    scheme: QuantScheme,
+    xs: list[Tensor],
+    rope: tuple[Tensor, Tensor],
 ) -> list[Tensor]:
     """The block's outputs with its dequantized weights in place of the float ones (the module is not changed)."""
     dtype = xs[0].dtype
     weights = {
-        f"{name}.weight": pack.dequantize(p, scheme.bits, scheme.group_size, dtype) for name, p in packed.items()
+        f"{name}.weight": pack.dequantize(p, scheme.bits_for(f"layers.{index}.{name}"), scheme.group_size, dtype)
+        for name, p in packed.items()
     }
     return [functional_call(block, weights, (x, *_rope_for(rope, x), None, None)) for x in xs]
 
@@ -271,7 +283,7 @@ def gptq_pack(
     packed: dict[str, pack.Packed] = {}
     for i in track(range(len(model.layers)), f"GPTQ int{scheme.bits}", enabled=progress):
         block = model.layers[i]
-        block_packed = _quantize_block(block, _hessians(block, xs, rope), scheme)
-        xs = _run_quantized(block, block_packed, scheme, xs, rope)
+        block_packed = _quantize_block(block, i, _hessians(block, xs, rope), scheme)
+        xs = _run_quantized(block, i, block_packed, scheme, xs, rope)
         packed.update({f"layers.{i}.{name}": p for name, p in block_packed.items()})
     return packed

@@ -152,7 +152,7 @@ def _targets(model: Transformer, scheme: QuantScheme) -> Iterator[tuple[str, int
     """(module name, bits) of every linear the scheme quantizes."""
     for i in range(len(model.layers)):
         for name in BLOCK_LINEARS:
-            yield f"layers.{i}.{name}", scheme.bits
+            yield f"layers.{i}.{name}", scheme.bits_for(f"layers.{i}.{name}")
     if scheme.head_bits is not None:
         yield "lm_head", scheme.head_bits
 

@@ -25,6 +25,7 @@ class QuantizeConfig:
     head_bits: int | None = 8
     embed_bits: int | None = 8  # an untied embedding table; a tied one shares the quantized head
     method: str = "rtn"
+    int8_layers: tuple[str, ...] = ()  # block linears kept at INT8 in an INT4 scheme (scheme.RECIPES names sets)
     calib: str | None = None  # UTF-8 text for GPTQ (default: the bilingual calibration text shipped with lmforge)
     calib_samples: int = 32  # windows of calib_seq_len tokens spread over the text
     calib_seq_len: int = 256
@@ -54,7 +55,12 @@ def main(cfg: QuantizeConfig) -> dict:
     from lmforge.quant.layers import quantize_
 
     scheme = QuantScheme(
-        bits=cfg.bits, group_size=cfg.group_size, head_bits=cfg.head_bits, embed_bits=cfg.embed_bits, method=cfg.method
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        head_bits=cfg.head_bits,
+        embed_bits=cfg.embed_bits,
+        method=cfg.method,
+        int8_layers=cfg.int8_layers,
     )
     out = Path(cfg.out).expanduser()
     if cfg.calib and scheme.method != "gptq":
