@@ -1,6 +1,6 @@
 """Multiple-choice scoring speed: lmforge beside lm-evaluation-harness's `hf` backend, same model, same task, same run.
 
-    python bench/eval.py [--model smollm2-135m-instruct] [--limit N] [--batch-size 8] [--repeats 2]
+    python bench/eval.py [--model smollm2-135m-instruct] [--limit N] [--batch-size 8] [--rounds 3] [--threads 1]
 
 The task is lmforge's shipped bilingual knowledge set (48 four-option questions) written as an lm_eval local task
 (JSONL + YAML in a temporary folder). Three settings, all on the same float checkpoint:
@@ -8,8 +8,10 @@ The task is lmforge's shipped bilingual knowledge set (48 four-option questions)
 - `lmforge via lm_eval`: the same lm_eval task, prompts and metric through lmforge's adapter, so only the model
   backend differs from `hf`: this ratio is the headline;
 - `lmforge eval`: our own runner on the same questions with its own prompt template, for reference.
-Model loading is not timed; each setting is timed over whole passes (medians of --repeats) and reports examples/s
-and accuracy. The two lm_eval settings must agree on accuracy (same log-likelihoods up to float error).
+Model loading is not timed. After one warm-up pass each, the settings take turns, one whole pass each per round
+(--rounds), so that a change in the machine's load falls on all of them; each reports its median examples/s and
+accuracy, and the speed ratios are medians of the per-round ratios. The two lm_eval settings must agree on
+accuracy (same log-likelihoods up to float error). --threads sets torch's threads (default: torch's own choice).
 """
 
 from __future__ import annotations
@@ -57,15 +59,16 @@ def write_task(folder: Path, limit: int | None) -> tuple[Path, int]:
     return folder, len(rows)
 
 
-def timed(fn: Callable[[], float], repeats: int) -> tuple[float, float]:
-    """(median seconds, accuracy) over `repeats` passes after one warm-up pass."""
-    acc = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), acc
+def timed_rounds(passes: dict[str, Callable[[], float]], rounds: int) -> dict[str, tuple[list[float], float]]:
+    """Per setting: (seconds of each round's pass, accuracy), the settings taking turns after one warm-up each."""
+    acc = {name: run() for name, run in passes.items()}
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(rounds):
+        for name, run in passes.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (times[name], acc[name]) for name in passes}
 
 
 def lm_eval_pass(lm: object, task_dir: Path) -> Callable[[], float]:
@@ -101,8 +104,11 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--limit", type=int, default=None, help="questions (default: all 48)")
     ap.add_argument("--batch-size", type=int, default=8, help="lm_eval hf batch size")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="timed passes of each setting, taken in turns")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from lm_eval.models.huggingface import HFLM
 
@@ -110,25 +116,28 @@ def main() -> None:
     from lmforge.eval.lm_eval_adapter import LmforgeLM
 
     checkpoint = pull(args.model, progress=False)
+    hf_name = "hf (lm_eval, transformers)"
     with tempfile.TemporaryDirectory() as tmp:
         task_dir, n = write_task(Path(tmp), args.limit)
-        settings = {
-            "hf (lm_eval, transformers)": lambda: lm_eval_pass(
+        passes = {
+            hf_name: lm_eval_pass(
                 HFLM(pretrained=str(checkpoint), dtype="float32", device="cpu", batch_size=args.batch_size), task_dir),
-            "lmforge via lm_eval": lambda: lm_eval_pass(LmforgeLM(model=str(checkpoint)), task_dir),
-            "lmforge eval (own prompts)": lambda: lmforge_pass(checkpoint, args.limit),
+            "lmforge via lm_eval": lm_eval_pass(LmforgeLM(model=str(checkpoint)), task_dir),
+            "lmforge eval (own prompts)": lmforge_pass(checkpoint, args.limit),
         }
         print(f"{args.model}: {n} questions x 4 options, {torch.get_num_threads()} threads, fp32 CPU, "
-              f"median of {args.repeats} passes after a warm-up")
-        rows = {}
-        for name, make in settings.items():
-            seconds, acc = timed(make(), args.repeats)
-            rows[name] = (seconds, acc)
-            print(f"  {name:30s} {n / seconds:7.2f} examples/s  acc {acc:.3f}  ({seconds:.1f} s a pass)", flush=True)
-    base = rows["hf (lm_eval, transformers)"][0]
-    for name, (seconds, _) in rows.items():
-        print(f"  speed vs hf: {name:30s} x{base / seconds:.2f}")
-    same = abs(rows["hf (lm_eval, transformers)"][1] - rows["lmforge via lm_eval"][1]) < 1e-9
+              f"{args.rounds} rounds after a warm-up", flush=True)
+        rows = timed_rounds(passes, args.rounds)
+    for name, (times, acc) in rows.items():
+        seconds = statistics.median(times)
+        print(f"  {name:30s} {n / seconds:7.2f} examples/s  acc {acc:.3f}  ({seconds:.1f} s a pass, "
+              f"rounds {', '.join(f'{t:.1f}' for t in times)})")
+    base = rows[hf_name][0]
+    for name, (times, _) in rows.items():
+        ratios = [b / t for b, t in zip(base, times, strict=True)]
+        each = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"  speed vs hf: {name:30s} x{statistics.median(ratios):.2f} (rounds {each})")
+    same = abs(rows[hf_name][1] - rows["lmforge via lm_eval"][1]) < 1e-9
     print(f"  hf and lmforge agree on lm_eval accuracy: {same}")
 
 

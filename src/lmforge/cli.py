@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=0, help="solved examples before each question (default 0)")
     p.add_argument("--cot", action="store_true", help="chain of thought on generative tasks")
     p.add_argument("--samples", type=int, default=1, help="> 1: self-consistency vote over sampled chains")
-    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task, en and zh alternating")
     p.add_argument("--max-new-tokens", type=int, default=256, help="per answer on generative tasks")
     p.add_argument("--out", default="eval-results", help="results directory; its report compares all runs in it")
     p.set_defaults(func=cmd_eval)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_checkpoint, make_lineage, save_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.eval import multiple_choice as mc
-from lmforge.eval.tasks import Task, parse_tasks
+from lmforge.eval.tasks import Task, parse_tasks, take
 from tests.tiny import make_tiny_model, make_tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,20 +28,41 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+def _hf_score(hf: torch.nn.Module, prefix: list[int], cont: list[int]) -> tuple[float, bool]:
+    """(log-likelihood, greedy?) of `cont` after `prefix` from one plain transformers forward."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prefix + cont])).logits[0, len(prefix) - 1 : -1]  # predicts each cont token
+    logp = F.log_softmax(logits, -1)
+    return sum(logp[j, t].item() for j, t in enumerate(cont)), bool((logits.argmax(-1) == torch.tensor(cont)).all())
+
+
 def test_scores_equal_transformers_and_batching_changes_nothing(tiny_dir: Path) -> None:
     model, tok = load_checkpoint(tiny_dir)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     prefix = tok.encode("The following are questions.\n北京是中国的首都吗？\nAnswer:")
     conts = [tok.encode(t) for t in (" A", " yes, it is", " 是的，北京是首都", " no")]
-    want = []
-    for c in conts:
-        with torch.no_grad():
-            logp = F.log_softmax(hf(torch.tensor([prefix + c])).logits[0], -1)
-        want.append(sum(logp[len(prefix) + j - 1, t].item() for j, t in enumerate(c)))
+    want = [_hf_score(hf, prefix, c)[0] for c in conts]
     batched = mc.score_continuations(model, prefix, conts)
     alone = [mc.score_continuations(model, prefix, [c])[0] for c in conts]
     assert batched == pytest.approx(want, abs=1e-4)
     assert alone == pytest.approx(batched, abs=1e-5)
+
+
+def test_packed_questions_score_as_each_alone(tiny_dir: Path) -> None:
+    """Prompts of different lengths and options of one or many tokens, packed into shared forwards."""
+    model, tok = load_checkpoint(tiny_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    prompts = ["Q: 1+1?\nAnswer:", "北京是中国的首都吗？请回答。\n答案：", "A fox. Which animal?\nAnswer:"]
+    options = [" A", " B", " yes, it is", " 是的，北京是首都", " the fox"]
+    groups = [(tok.encode(p), [tok.encode(o) for o in options[i:]]) for i, p in enumerate(prompts)]
+    groups.append((tok.encode("Only letters:"), [tok.encode(" A"), tok.encode(" B")]))  # no second stage at all
+    assert len({len(p) for p, _ in groups}) == len(groups) and any(len(c) > 1 for c in groups[0][1])
+    want = [[_hf_score(hf, p, c) for c in cs] for p, cs in groups]
+    one_pack = mc.score_groups(model, groups, budget=10**6)
+    one_each = mc.score_groups(model, groups, budget=1)
+    for got in (one_pack, one_each):
+        assert [[g for g, _ in row] for row in got] == [[pytest.approx(w, abs=1e-4) for w, _ in row] for row in want]
+        assert [[g for _, g in row] for row in got] == [[g for _, g in row] for row in want]
 
 
 def write_csv(path: Path, rows: list[list[str]]) -> None:
@@ -125,6 +146,13 @@ def test_planted_task_scores_100_and_a_random_model_near_chance(tmp_path: Path) 
     random = mc.evaluate(make_tiny_model("llama-tiny", seed=1), tok, shipped, progress=False).metrics()
     assert random["n"] == 48 and 0.1 <= random["acc"] <= 0.45 and 0.1 <= random["acc_norm"] <= 0.45
     assert set(random["by_lang"]) == {"en", "zh"}
+
+
+def test_a_limit_takes_both_languages_in_file_order() -> None:
+    items = ["en1", "en2", "en3", "en4", "zh1", "zh2"]
+    assert take(items, 3, lambda s: s[:2]) == ["en1", "en2", "zh1"]
+    assert take(items, 5, lambda s: s[:2]) == ["en1", "en2", "en3", "zh1", "zh2"]
+    assert take(items, None, lambda s: s[:2]) == items and take(items, 9, lambda s: s[:2]) == items
 
 
 def test_long_prompts_lose_shots_and_say_so(tiny_dir: Path) -> None:

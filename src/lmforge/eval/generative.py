@@ -24,7 +24,7 @@ from typing import Any
 from lmforge.engine import Completion, Engine
 from lmforge.errors import LmforgeError
 from lmforge.eval.multiple_choice import language
-from lmforge.eval.tasks import Task
+from lmforge.eval.tasks import Task, take
 from lmforge.progress import track
 from lmforge.sampling import SamplingParams
 
@@ -167,7 +167,7 @@ def evaluate(
     seed: int = 0,
 ) -> GenResult:
     problems, dev = load(task)
-    problems = problems[:limit] if limit else problems
+    problems = take(problems, limit, lambda p: p.lang)
     greedy = samples <= 1
     params = SamplingParams(
         max_new_tokens=max_new_tokens,

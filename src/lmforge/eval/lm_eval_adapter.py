@@ -6,8 +6,9 @@ lm_eval finds models in its own registry and has no plugin discovery, so importi
     python -m lmforge.eval.lm_eval_adapter --model lmforge --model_args model=DIR,quant=int4 --tasks ... [lm_eval flags]
 
 or pass `LmforgeLM(model=..., quant=..., adapter=...)` to `lm_eval.simple_evaluate`. Requests go through the same
-machinery as `lmforge eval`: log-likelihoods share each context's forward across its continuations
-(multiple_choice.score_greedy), rolling log-likelihoods use the perplexity windows, generation uses the engine.
+machinery as `lmforge eval`: log-likelihoods share each context's forward across its continuations and pack
+several contexts into each forward (multiple_choice.score_groups); rolling log-likelihoods use the perplexity
+windows; generation uses the engine.
 It does not change lm_eval's prompts, metrics or task definitions.
 """
 
@@ -20,7 +21,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from lmforge.engine import Engine
-from lmforge.eval.multiple_choice import score_greedy
+from lmforge.eval.multiple_choice import score_groups
 from lmforge.eval.perplexity import sum_nll, text_ids
 from lmforge.loader import open_model
 from lmforge.sampling import SamplingParams
@@ -60,9 +61,10 @@ class LmforgeLM(LM):
             room = self.engine.max_len - len(cont)
             groups.setdefault(tuple(ctx[-room:]), []).append((i, cont))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        for ctx, members in groups.items():
-            scores = score_greedy(self.model, list(ctx), [c for _, c in members])
-            for (i, _), score in zip(members, scores, strict=True):
+        # All of them at once, so that score_groups packs several questions into each forward.
+        scores = score_groups(self.model, [(list(ctx), [c for _, c in members]) for ctx, members in groups.items()])
+        for members, group_scores in zip(groups.values(), scores, strict=True):
+            for (i, _), score in zip(members, group_scores, strict=True):
                 out[i] = score
         return out
 

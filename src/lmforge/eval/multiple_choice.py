@@ -7,9 +7,10 @@ them for its two task styles:
             behind published numbers;
   acc_norm  the option whose own text is most likely per UTF-8 byte (lm-eval's length-normalized accuracy), which
             does not depend on the model having learned the letter format.
-All continuations of one question are scored in one forward: the prompt runs once into a KV cache that every
-option's row then shares (`score_continuations`). A prompt too long for the context loses shots, one at a time,
-and the result counts the questions that did.
+Scoring (`score_groups`) runs each prompt once into a KV cache that every option's row then shares, and packs
+several questions into each forward (prompts right-padded, per-row positions), since a CPU matmul over one
+prompt's ~60 token rows runs far below the rate it reaches at a few hundred. A prompt too long for the context
+loses shots, one at a time, and the result counts the questions that did.
 
 This module does not generate text (generative.py does) or write reports (report.py does).
 """
@@ -24,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.tasks import Task
+from lmforge.eval.tasks import Task, take
 from lmforge.model import KVCache, Positions, Transformer
 from lmforge.progress import track
 from lmforge.tokenizer import Tokenizer
@@ -168,33 +169,120 @@ def pick_shots(q: Question, dev: list[Question], k: int) -> list[Question]:
 # --- scoring -------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
+Group = tuple[list[int], list[list[int]]]  # (prefix ids, its continuations' ids)
+ROW_BUDGET = 512  # most padded token rows per forward: bounds the activations and the copied cache rows
+# What one more forward costs, in token rows: a CPU product [M, 576] x [576, 1536] costs about 11 rows' worth more
+# than M rows' worth, whatever M (measured here, one thread), plus the forward's small ops.
+FORWARD_COST = 16
+
+
 def score_continuations(model: Transformer, prefix: list[int], continuations: list[list[int]]) -> list[float]:
     """Log-likelihood (nats) of each continuation after `prefix`, in one forward that shares the prefix."""
-    return [logp for logp, _ in score_greedy(model, prefix, continuations)]
+    return [logp for logp, _ in score_groups(model, [(prefix, continuations)])[0]]
 
 
-def score_greedy(model: Transformer, prefix: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-    """(log-likelihood, whether greedy decoding would produce it) of each continuation after `prefix`.
+@torch.inference_mode()
+def score_groups(model: Transformer, groups: list[Group], budget: int = ROW_BUDGET) -> list[list[tuple[float, bool]]]:
+    """(log-likelihood, greedy?) of every continuation of every group, several groups to a forward.
 
-    The prefix runs once into a one-row cache; the cache is copied to one row per continuation, and the
-    continuations (right-padded; padding comes after each row's real tokens, so no real token sees it) run
-    together at the positions after the prefix.
+    Groups are sorted longest prefix first and cut into packs (`batches`); each pack's continuations are then
+    batched the same way. Results are those of each group scored alone: padding never reaches a real token.
     """
-    device = next(model.parameters()).device
-    p, t = len(prefix), max(len(c) for c in continuations)
-    # A P-Tuning prefix (model.prefix_len slots) sits in the cache before the first token.
-    cache = KVCache.allocate(model.cfg, 1, model.prefix_len + p + t, next(model.parameters()).dtype, device)
-    first = model(torch.tensor([prefix], device=device), Positions.make(torch.arange(p, device=device)), cache, keep=-1)
-    rows = len(continuations)
-    shared = KVCache(*([buf.expand(rows, -1, -1, -1).clone() for buf in bufs] for bufs in (cache.k, cache.v)))
-    x = torch.tensor([c + [c[-1]] * (t - len(c)) for c in continuations], device=device)  # (B, T)
-    logits = model(x, Positions.make(torch.arange(p, p + t, device=device)), shared)  # (B, T, V)
-    # Token j of a continuation is predicted by position j - 1; token 0 by the prefix's last position.
-    logits = torch.cat([first.expand(rows, -1, -1), logits[:, :-1]], dim=1).float()
-    logp = F.log_softmax(logits, dim=-1).gather(-1, x[..., None])[..., 0]  # (B, T)
-    greedy = logits.argmax(-1) == x  # (B, T)
-    return [(logp[i, : len(c)].sum().item(), bool(greedy[i, : len(c)].all())) for i, c in enumerate(continuations)]
+    order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))
+    out: list[list[tuple[float, bool]]] = [[] for _ in groups]
+    for begin, end in batches([len(groups[i][0]) for i in order], budget):
+        _score_pack(model, groups, order[begin:end], out, budget)
+    return out
+
+
+def batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Cut rows of these lengths (longest first) into runs [begin, end) that each become one padded forward.
+
+    The cut minimizes padded rows plus FORWARD_COST per forward (dynamic programming over run ends), with each
+    run's padded rows within `budget` unless one row alone exceeds it: a few long options then do not pad many
+    short ones to their length, and short prompts still share forwards.
+    """
+    best = [0.0] + [float("inf")] * len(lengths)  # best[j]: cost of the first j rows
+    start = [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        for begin in range(end - 1, -1, -1):
+            if end - begin > 1 and (end - begin) * lengths[begin] > budget:
+                break  # longer runs from further back only get wider
+            cost = best[begin] + (end - begin) * lengths[begin] + FORWARD_COST
+            if cost < best[end]:
+                best[end], start[end] = cost, begin
+    cuts, end = [], len(lengths)
+    while end:
+        cuts.append((start[end], end))
+        end = start[end]
+    return cuts[::-1]
+
+
+def _score_pack(
+    model: Transformer, groups: list[Group], pack: list[int], out: list[list[tuple[float, bool]]], budget: int
+) -> None:
+    """Score the groups `pack` names into `out`.
+
+    1. One forward: the prefixes, right-padded, into a cache of one row per group; each row's last real position
+       gives the logits of every continuation's first token.
+    2. Every continuation of two or more tokens gets a copy of its group's cache row, and its tokens but the last
+       (whose output predicts nothing) run at the positions after its prefix (`_score_tails`).
+    Padding sits after each row's real tokens, so no real query attends to it (causal mask and per-row positions).
+    """
+    param = next(model.parameters())
+    prefixes = [groups[i][0] for i in pack]
+    lengths = torch.tensor([len(p) for p in prefixes], device=param.device)
+    p_max = max(len(p) for p in prefixes)
+    u_max = max(len(c) - 1 for i in pack for c in groups[i][1])
+    cache = KVCache.allocate(model.cfg, len(pack), model.prefix_len + p_max + u_max, param.dtype, param.device)
+    ids = _padded(prefixes, p_max, param.device)  # (G, P)
+    first = model(ids, Positions.make(torch.arange(p_max, device=param.device)), cache, keep=lengths - 1)
+    first = first[:, 0].float()  # (G, V)
+    first_logp, first_best = first.log_softmax(-1), first.argmax(-1)  # (G, V), (G,)
+    tails = [(g, j, c) for g, i in enumerate(pack) for j, c in enumerate(groups[i][1]) if len(c) > 1]
+    rest = _score_tails(model, cache, lengths, tails, budget)
+    for g, i in enumerate(pack):
+        scores = []
+        for j, c in enumerate(groups[i][1]):
+            logp, greedy = first_logp[g, c[0]].item(), int(first_best[g]) == c[0]
+            if (g, j) in rest:
+                logp, greedy = logp + rest[g, j][0], greedy and rest[g, j][1]
+            scores.append((logp, greedy))
+        out[i] = scores
+
+
+def _score_tails(
+    model: Transformer, cache: KVCache, lengths: Tensor, tails: list[tuple[int, int, list[int]]], budget: int
+) -> dict[tuple[int, int], tuple[float, bool]]:
+    """(log-likelihood, greedy?) of tokens 1.. of each (cache row g, option j, ids) in `tails`, keyed by (g, j).
+
+    Rows run longest first, cut into forwards by `batches`, so that short options do not pad to the longest one
+    (option lengths vary far more than prompt lengths do).
+    """
+    device = lengths.device
+    tails = sorted(tails, key=lambda t: -len(t[2]))
+    out: dict[tuple[int, int], tuple[float, bool]] = {}
+    for begin, end in batches([len(c) - 1 for _, _, c in tails], budget):
+        batch = tails[begin:end]
+        u = len(batch[0][2]) - 1  # the longest in this batch
+        owner = torch.tensor([g for g, _, _ in batch], device=device)  # (R,)
+        shared = KVCache([k.index_select(0, owner) for k in cache.k], [v.index_select(0, owner) for v in cache.v])
+        x = _padded([c[:-1] for _, _, c in batch], u, device)  # (R, U)
+        pos = lengths[owner][:, None] + torch.arange(u, device=device)  # (R, U): right after each row's prefix
+        n_real = torch.tensor([len(c) - 1 for _, _, c in batch], device=device)
+        real = torch.arange(u, device=device) < n_real[:, None]  # (R, U)
+        logits = model(x, Positions.make(pos), shared, keep=real).float()  # (N, V): real positions, row-major
+        targets = torch.tensor([t for _, _, c in batch for t in c[1:]], device=device)  # (N,)
+        logp = logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
+        greedy = logits.argmax(-1) == targets
+        for (g, j, _), lp, gr in zip(batch, logp.split(n_real.tolist()), greedy.split(n_real.tolist()), strict=True):
+            out[g, j] = lp.sum().item(), bool(gr.all())
+    return out
+
+
+def _padded(rows: list[list[int]], width: int, device: torch.device) -> Tensor:
+    """(len(rows), width) ids, each row right-padded with its own last token (any id would do: never attended)."""
+    return torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
 
 
 @dataclass
@@ -235,38 +323,57 @@ def evaluate(
     model: Transformer, tok: Tokenizer, task: Task, shots: int = 0, limit: int | None = None, progress: bool = True
 ) -> McResult:
     questions, dev = load(task)
-    questions = questions[:limit] if limit else questions
+    questions = take(questions, limit, lambda q: q.lang)
     result = McResult()
-    longest_option = 64  # tokens reserved for the continuations
-    for q in track(questions, f"scoring {task.name}", enabled=progress):
-        chosen = pick_shots(q, dev, shots)
-        prefix, kept = fit_prompt(tok, q, chosen, model.cfg.max_seq_len - longest_option)
-        result.shots_reduced += kept < len(chosen)
-        sep = TEMPLATES[q.lang].sep
-        letters = [tok.encode(sep + LETTERS[i], add_bos=False) for i in range(len(q.choices))]
-        texts = [tok.encode(sep + c, add_bos=False)[:longest_option] for c in q.choices]
-        scores = score_continuations(model, prefix, letters + texts)
-        by_letter, by_text = scores[: len(q.choices)], scores[len(q.choices) :]
-        per_byte = [s / max(1, len((sep + c).encode("utf-8"))) for s, c in zip(by_text, q.choices, strict=True)]
-        pred, pred_norm = _argmax(by_letter), _argmax(per_byte)
-        for tally in (result.overall, result.by_lang.setdefault(q.lang, Tally())):
-            tally.n += 1
-            tally.acc += pred == q.answer
-            tally.acc_norm += pred_norm == q.answer
-        result.predictions.append(
-            {
-                "id": q.id,
-                "subject": q.subject,
-                "lang": q.lang,
-                "answer": LETTERS[q.answer],
-                "pred": LETTERS[pred],
-                "pred_norm": LETTERS[pred_norm],
-                "loglik_letter": [round(s, 4) for s in by_letter],
-                "loglik_text": [round(s, 4) for s in by_text],
-                "shots": kept,
-            }
-        )
+    # Questions are scored CHUNK at a time: enough for score_groups to fill its packs, few enough for progress.
+    chunks = [questions[i : i + CHUNK] for i in range(0, len(questions), CHUNK)]
+    for chunk in track(chunks, f"scoring {task.name}", enabled=progress):
+        groups = [_group(model, tok, q, dev, shots, result) for q in chunk]
+        scores = score_groups(model, [(prefix, conts) for prefix, conts, _ in groups])
+        for q, (_, _, kept), s in zip(chunk, groups, scores, strict=True):
+            _record(result, q, [logp for logp, _ in s], kept)
     return result
+
+
+CHUNK = 32
+LONGEST_OPTION = 64  # tokens reserved for the continuations
+
+
+def _group(
+    model: Transformer, tok: Tokenizer, q: Question, dev: list[Question], shots: int, result: McResult
+) -> tuple[list[int], list[list[int]], int]:
+    """(prompt ids, continuation ids: the option letters then the option texts, shots kept) of one question."""
+    chosen = pick_shots(q, dev, shots)
+    prefix, kept = fit_prompt(tok, q, chosen, model.cfg.max_seq_len - LONGEST_OPTION)
+    result.shots_reduced += kept < len(chosen)
+    sep = TEMPLATES[q.lang].sep
+    letters = [tok.encode(sep + LETTERS[i], add_bos=False) for i in range(len(q.choices))]
+    texts = [tok.encode(sep + c, add_bos=False)[:LONGEST_OPTION] for c in q.choices]
+    return prefix, letters + texts, kept
+
+
+def _record(result: McResult, q: Question, scores: list[float], kept: int) -> None:
+    by_letter, by_text = scores[: len(q.choices)], scores[len(q.choices) :]
+    sep = TEMPLATES[q.lang].sep
+    per_byte = [s / max(1, len((sep + c).encode("utf-8"))) for s, c in zip(by_text, q.choices, strict=True)]
+    pred, pred_norm = _argmax(by_letter), _argmax(per_byte)
+    for tally in (result.overall, result.by_lang.setdefault(q.lang, Tally())):
+        tally.n += 1
+        tally.acc += pred == q.answer
+        tally.acc_norm += pred_norm == q.answer
+    result.predictions.append(
+        {
+            "id": q.id,
+            "subject": q.subject,
+            "lang": q.lang,
+            "answer": LETTERS[q.answer],
+            "pred": LETTERS[pred],
+            "pred_norm": LETTERS[pred_norm],
+            "loglik_letter": [round(s, 4) for s in by_letter],
+            "loglik_text": [round(s, 4) for s in by_text],
+            "shots": kept,
+        }
+    )
 
 
 def _argmax(values: list[float]) -> int:

@@ -20,13 +20,16 @@ This module parses names and checks that paths exist; reading the files is each 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 from lmforge.errors import LmforgeError
 
 KINDS = ("perplexity", "mmlu", "ceval", "cmmlu", "mc", "gsm8k")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -87,3 +90,24 @@ def _user_task(kind: str, path: Path) -> Task:
         raise LmforgeError(f"{path}: no such file for the {kind} task")
     name = f"{kind}:{path.name if wants_dir else path.stem}"
     return Task(name, kind, path)
+
+
+def take(items: list[T], limit: int | None, lang: Callable[[T], str]) -> list[T]:
+    """`limit` items drawn in turn from each language (first ones first), kept in file order.
+
+    Bilingual files list one language after the other, so the first N items would measure only the first
+    language; a limit should shrink the task, not change what it measures.
+    """
+    if not limit or limit >= len(items):
+        return items
+    queues: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        queues.setdefault(lang(item), []).append(i)
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < limit:
+        for queue in queues.values():
+            if depth < len(queue) and len(picked) < limit:
+                picked.append(queue[depth])
+        depth += 1
+    return [items[i] for i in sorted(picked)]
