@@ -6,7 +6,8 @@
 Speed: every configuration runs in its own subprocess (so its peak RSS is its own) on the same token rows: the
 shipped instruction and self-cognition sets, chat-templated by the model's template with the loss on assistant
 tokens only, concatenated and cut into rows of `--seq` tokens. A step is forward + backward + clipping + AdamW,
-the first one a warm-up; tokens/s counts every input token (B x T) over the median measured step.
+the first one a warm-up; tokens/s counts every input token (B x T) over the median measured step, in wall time and
+in the process's CPU time (which, at one thread, stays the measure of work done when other jobs share the cores).
 - ours: full / LoRA / QLoRA (LoRA over the INT4 base) / P-Tuning v2, stepped by the shared training loop's own
   `accumulate` (lmforge.train.loop), the code `lmforge sft` runs;
 - peer: transformers `AutoModelForCausalLM` from the same checkpoint directory, with PEFT's LoRA (same rank, alpha,
@@ -105,17 +106,19 @@ def child(args: argparse.Namespace) -> None:
     model, step = (_ours if args.child in OURS else _peer)(directory, args.child)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    times = []
+    times, cpu = [], []
     for s in range(args.steps + 1):
         batch = {k: v[s * args.batch : (s + 1) * args.batch] for k, v in data.items()}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step(batch)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     out = {
         "tok_s": args.batch * args.seq / statistics.median(times[1:]),
+        "tok_cpu_s": args.batch * args.seq / statistics.median(cpu[1:]),
         "first_step_s": times[0],
         "trainable_m": sum(p.numel() for p in params) / 1e6,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,
@@ -147,16 +150,16 @@ def speed(args: argparse.Namespace) -> None:
                 r = measure(directory, config, args)
                 if r:
                     runs[config].append(r)
-                    print(f"  {config:10s} {r['tok_s']:8.1f} tok/s  peak RSS {r['peak_rss_mb']:7.0f} MB  trainable "
-                          f"{r['trainable_m']:.2f} M  first step {r['first_step_s']:.1f} s  (round {round_ + 1})",
-                          flush=True)
+                    print(f"  {config:10s} {r['tok_s']:8.1f} tok/s ({r['tok_cpu_s']:6.1f} per CPU s)  peak RSS "
+                          f"{r['peak_rss_mb']:7.0f} MB  trainable {r['trainable_m']:.2f} M  first step "
+                          f"{r['first_step_s']:.1f} s  (round {round_ + 1})", flush=True)
         _ratios({c: _median(rs) for c, rs in runs.items()})
 
 
 def _median(runs: list[dict]) -> dict | None:
     if not runs:
         return None
-    return {key: statistics.median(r[key] for r in runs) for key in ("tok_s", "peak_rss_mb")}
+    return {key: statistics.median(r[key] for r in runs) for key in ("tok_s", "tok_cpu_s", "peak_rss_mb")}
 
 
 def _ratios(results: dict[str, dict | None]) -> None:
@@ -164,8 +167,8 @@ def _ratios(results: dict[str, dict | None]) -> None:
     for ours, peer in pairs:
         a, b = results.get(ours), results.get(peer)
         if a and b:
-            print(f"  {ours} / {peer} (medians): tokens/s x{a['tok_s'] / b['tok_s']:.2f}, "
-                  f"peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}")
+            print(f"  {ours} / {peer} (medians): tokens/s x{a['tok_s'] / b['tok_s']:.2f}, per CPU second "
+                  f"x{a['tok_cpu_s'] / b['tok_cpu_s']:.2f}, peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}")
 
 
 # --- forgetting --------------------------------------------------------------------------------------------------

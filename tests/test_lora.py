@@ -1,5 +1,6 @@
-"""LoRA and QLoRA: start at the base, merged equals unmerged (and transformers agrees), only adapters train,
-adapters round-trip through disk and refuse a different base."""
+"""LoRA and QLoRA: start at the base, merged equals unmerged (and transformers agrees), gradients equal a LoRA
+written by hand, dropout shares one mask per input, only adapters train, adapters round-trip through disk and
+refuse a different base."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.adapters import load_adapter, save_adapter
 from lmforge.train.loop import TrainConfig, train
-from lmforge.train.lora import LoraConfig, LoraLinear, apply_lora, lora_layers, merge_lora
+from lmforge.train.lora import LoraConfig, LoraLinear, apply_lora, drop_mask, lora_layers, merge_lora
 from tests.tiny import make_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,6 +65,47 @@ def test_merged_equals_unmerged(tiny_model: Transformer) -> None:
     assert not any(isinstance(m, LoraLinear) for m in model.modules())
     assert set(model.state_dict()) == set(tiny_model.state_dict())
     torch.testing.assert_close(logits(model), unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_equal_a_lora_written_by_hand(tiny_model: Transformer) -> None:
+    """The shared, stacked and in-place products must give the gradients of y = W x + s B A x, layer by layer."""
+    model = apply_lora(copy.deepcopy(tiny_model), LoraConfig(rank=4, alpha=8))
+    randomize(model)
+    reference = copy.deepcopy(tiny_model)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLinear):
+            a, b = layer.lora_a.detach().clone().requires_grad_(), layer.lora_b.detach().clone().requires_grad_()
+            factors[name] = (a, b)
+            plain = reference.get_submodule(name)
+            plain.register_forward_hook(lambda _m, args, y, a=a, b=b: y + 2.0 * (args[0] @ a.T) @ b.T)
+    weights = torch.randn(*IDS.shape, tiny_model.cfg.vocab_size, generator=torch.Generator().manual_seed(2))
+    (model(IDS) * weights).sum().backward()
+    (reference(IDS) * weights).sum().backward()
+    for name, (a, b) in factors.items():
+        layer = model.get_submodule(name)
+        torch.testing.assert_close(layer.lora_a.grad, a.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.lora_b.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_mask_rate_and_one_mask_per_shared_input(tiny_model: Transformer) -> None:
+    drop, p = drop_mask(torch.empty(1000, 1000), 0.05)
+    assert p == round(0.05 * 65536) / 65536
+    by_chunk = drop.view(-1, 4).float().mean(0)  # every 16-bit chunk of each 64-bit draw decides alike
+    assert torch.allclose(by_chunk, torch.full((4,), p), atol=0.003), by_chunk
+
+    model = apply_lora(tiny_model, LoraConfig(rank=4, dropout=0.5)).train()
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.lora_a.copy_(attn.q_proj.lora_a)
+    x = torch.randn(2, 8, attn.q_proj.in_features)
+    hq, scale = attn.q_proj.shared.down(x, attn.q_proj)
+    hk, _ = attn.k_proj.shared.down(x, attn.k_proj)
+    assert scale == 2.0 and torch.equal(hq, hk)  # the same features dropped for q and k
+    attn.v_proj.shared.down(x, attn.v_proj)  # the last member: the pass is complete
+    again, _ = attn.q_proj.shared.down(x, attn.q_proj)  # the next pass draws a new mask
+    assert not torch.equal(again, hq)
+    assert not torch.equal(hq, (x @ attn.q_proj.lora_a.T).flatten(0, 1))
 
 
 def test_merged_checkpoint_loads_in_transformers(tiny_tokenizer: Tokenizer, tmp_path: Path) -> None:
