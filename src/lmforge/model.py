@@ -63,10 +63,16 @@ def rope_table(cfg: ModelConfig, length: int) -> tuple[Tensor, Tensor]:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: x * cos + [-x2, x1] * sin, written as x * cos + [x2, x1] * [-sin1, sin2].
+
+    Bit for bit the same numbers (a sign flip is exact), but the swap is one `roll` whose backward is one `roll`,
+    where slicing and concatenating x made autograd zero-fill and copy two full-size gradients; the sign moves onto
+    the small (T, D) table.
+    """
     # x: (B, H, T, D); cos/sin: (B, 1, T, D) or (T, D)
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return x * cos + x.roll(half, dims=-1) * signed_sin
 
 
 @dataclass
@@ -263,7 +269,8 @@ class Transformer(nn.Module):
         if isinstance(keep, int):
             x = x[:, keep:][:, :1]
         elif keep is not None and keep.dtype == torch.bool:
-            x = x[keep]  # (N, H)
+            # Pretraining reads every position: a view then, not a gather whose backward zero-fills a copy.
+            x = x.reshape(-1, x.shape[-1]) if bool(keep.all()) else x[keep]  # (N, H)
         elif keep is not None:
             rows = keep if keep.dim() == 2 else keep[:, None]  # (B, K)
             x = x[torch.arange(b, device=x.device)[:, None], rows]

@@ -11,6 +11,7 @@ It does not add stages of its own: anything it does, a user can do with the comm
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +44,20 @@ PRESETS = {
 PROMPTS = ["Once upon a time", "从前，有一只"]
 
 
-def _run(argv: list[str], log: list[str]) -> None:
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished workers: on a shared machine it says what a quiet one would take."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                         resource.RUSAGE_CHILDREN)))
+
+
+def _run(argv: list[str], log: list[tuple[str, float, float]]) -> None:
+    """Run one stage through the CLI; record its command line, wall and CPU seconds (the report's stage table)."""
     from lmforge.cli import main
 
-    log.append("lmforge " + " ".join(argv))
+    command, t0, c0 = "lmforge " + " ".join(argv), time.perf_counter(), _cpu_seconds()
     if main(argv) != 0:
-        raise LmforgeError(f"speedrun stopped at `{log[-1]}` (its error is printed above)")
+        raise LmforgeError(f"speedrun stopped at `{command}` (its error is printed above)")
+    log.append((command, time.perf_counter() - t0, _cpu_seconds() - c0))
 
 
 def _samples(model_dir: Path, chat: bool, max_new_tokens: int = 40) -> list[tuple[str, str]]:
@@ -71,7 +80,7 @@ def speedrun(preset: str, out: Path, progress: bool = True) -> Path:
     p, out = PRESETS[preset], Path(out)
     if out.exists() and any(out.iterdir()):
         raise LmforgeError(f"{out} is not empty; choose a new --out directory for the speedrun")
-    log: list[str] = []
+    log: list[tuple[str, float, float]] = []
     quiet = [] if progress else ["--no-progress"]
     workers = ["--workers", str(p.workers)] if p.workers else []
     t0 = time.perf_counter()
@@ -91,24 +100,33 @@ def speedrun(preset: str, out: Path, progress: bool = True) -> Path:
     _run(["sft", "--model", str(out / "pretrain" / "model"), "--method", "full", "--data", "builtin:self-cognition",
           "--out", str(out / "sft"), "--max-steps", str(p.sft_steps), "--lr", "1e-3", "--max-len",
           str(p.seq_len), "--eval-every", str(p.sft_steps), "--save-every", str(p.sft_steps)], log)
-    report = _report(preset, out, log, pretrain_s, time.perf_counter() - t0)
+    t_samples, c_samples = time.perf_counter(), _cpu_seconds()
+    samples = {heading: _samples(directory, chat) for heading, directory, chat in
+               (("pretrained", out / "pretrain" / "model", False), ("after SFT", out / "sft" / "model", True))}
+    log.append(("samples (greedy, in-process)", time.perf_counter() - t_samples, _cpu_seconds() - c_samples))
+    report = _report(preset, out, log, samples, pretrain_s, time.perf_counter() - t0)
     write_text(out / "REPORT.md", report)
     return out / "REPORT.md"
 
 
-def _report(preset: str, out: Path, log: list[str], pretrain_s: float, total_s: float) -> str:
+def _report(preset: str, out: Path, log: list[tuple[str, float, float]], samples: dict[str, list[tuple[str, str]]],
+            pretrain_s: float, total_s: float) -> str:
+    import torch
+
     lineage = json.loads((out / "pretrain" / "lineage.json").read_text(encoding="utf-8"))
     evals = [r for r in lineage["log"] if "eval_loss" in r]
     lines = [f"# lmforge speedrun `{preset}`", "",
              f"Corpus to pretrained model in {pretrain_s / 60:.1f} min, with SFT {total_s / 60:.1f} min.", "",
-             "## Commands", "", "```", *log, "```", "", "## Pretraining", "", "![loss](pretrain/loss.png)", "",
+             "## Commands", "", "```", *(c for c, _, _ in log if c.startswith("lmforge ")), "```", "",
+             "## Stage times", "", f"{torch.get_num_threads()} threads.", "", "| stage | wall s | CPU s |",
+             "|---|---|---|", *(f"| {c.split(' --')[0]} | {wall:.1f} | {cpu:.1f} |" for c, wall, cpu in log), "",
+             "## Pretraining", "", "![loss](pretrain/loss.png)", "",
              "| step | held-out loss | bits/byte |", "|---|---|---|"]
     lines += [f"| {r['step']} | {r['eval_loss']:.3f} | {r.get('eval_bpb', float('nan')):.3f} |" for r in evals]
     lines += ["", "## Samples (greedy)", ""]
-    for heading, directory, chat in (("pretrained", out / "pretrain" / "model", False),
-                                     ("after SFT", out / "sft" / "model", True)):
+    for heading, pairs in samples.items():
         lines.append(f"### {heading}")
-        for prompt, text in _samples(directory, chat):
+        for prompt, text in pairs:
             lines += ["", "```", (prompt + text).strip(), "```"]
         lines.append("")
     lines += ["## Lineage", "", f"tokenizer sha256 `{lineage['tokenizer_sha256']}`, shard manifest sha256 "

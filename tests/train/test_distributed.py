@@ -1,10 +1,12 @@
 """Real torch.distributed on CPU: 2 gloo processes with DDP and FSDP2 follow the 1-process loss curve for the same
-global batch, and a sharded checkpoint written by 2 ranks loads into 1 process."""
+global batch, a sharded checkpoint written by 2 ranks loads into 1 process, and a 2-process run killed with SIGKILL
+resumes onto the uninterrupted run's curve."""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,31 @@ def test_fsdp_builds_on_meta_and_learns(tiny_data: tuple[Path, Path], tmp_path: 
     mp.spawn(_rank, args=(_free_port(), cfg), nprocs=2, join=True)
     evals = [r["eval_loss"] for r in read_log(tmp_path / "fresh") if "eval_loss" in r]
     assert evals[-1] < evals[0] - 0.2
+
+
+def test_two_ranks_killed_then_resumed_continue_the_same_curve(start: Path, tiny_data: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    """SIGKILL both FSDP2 ranks once a sharded checkpoint exists; resumed on 2 ranks, the losses equal exactly those
+    of an uninterrupted 2-rank run (same ranks, same reduction order, so no tolerance)."""
+    tok, shards = tiny_data
+    run = dict(distributed="fsdp", init=str(start), max_steps=24, save_every=4, eval_every=12)
+    reference = tmp_path / "reference"
+    mp.spawn(_rank, args=(_free_port(), _cfg(tok, shards, reference, **run)), nprocs=2, join=True)
+
+    killed = tmp_path / "killed"
+    ranks = mp.start_processes(_rank, args=(_free_port(), _cfg(tok, shards, killed, **run)), nprocs=2, join=False,
+                               start_method="spawn")
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "step-00000008").exists() and all(p.is_alive() for p in ranks.processes):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    for p in ranks.processes:
+        p.kill()  # SIGKILL: no cleanup, no final checkpoint
+    for p in ranks.processes:
+        p.join()
+    assert not (killed / "model").exists(), "the run finished before it was killed"
+
+    mp.spawn(_rank, args=(_free_port(), _cfg(tok, shards, killed, resume=True, **run)), nprocs=2, join=True)
+    assert _losses(killed) == _losses(reference)
+    evals = [[r["eval_loss"] for r in read_log(d) if "eval_loss" in r] for d in (killed, reference)]
+    assert evals[0] == evals[1] and len(evals[0]) == 3

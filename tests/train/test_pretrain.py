@@ -1,12 +1,15 @@
-"""`lmforge pretrain` end to end on tiny shards: exact resume after SIGKILL, the final checkpoint, bad input."""
+"""`lmforge pretrain` end to end on tiny shards: exact resume after SIGKILL or a vanished shard, the final checkpoint,
+bad input."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import torch
 
 from lmforge.cli import main as cli_main
 from lmforge.errors import LmforgeError
-from lmforge.train.loop import read_log
+from lmforge.train.loop import checkpoints, read_log
 from lmforge.train.pretrain import main, reproduce
 from lmforge.train.pretrain_config import PretrainConfig
 from tests.train.conftest import write_shards
@@ -126,6 +129,38 @@ def test_missing_shard_is_a_clear_error(tiny_data: tuple[Path, Path], tmp_path: 
     (copy / "tokens-00001.bin").unlink()
     with pytest.raises(LmforgeError, match="tokens-00001.bin: shard file missing"):
         main(_cfg(tok, copy, tmp_path / "run"))
+
+
+def test_shard_vanishing_mid_run_stops_cleanly_and_resume_continues(tiny_data: tuple[Path, Path], tmp_path: Path,
+                                                                     one_thread: None) -> None:
+    """A shard file moved away while the run holds it open (its memory map would still read): a clear error, the
+    checkpoints and log up to then kept; with the file back, --resume lands on the uninterrupted run's curve."""
+    tok, shards = tiny_data
+    reference = tmp_path / "reference"
+    main(_cfg(tok, shards, reference))
+    copy, run = tmp_path / "shards", tmp_path / "run"
+    shutil.copytree(shards, copy)
+    shard, away = copy / "tokens-00001.bin", tmp_path / "tokens-00001.bin.away"
+
+    def vanish() -> None:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "step-00000010").exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        shard.rename(away)
+
+    watcher = threading.Thread(target=vanish, daemon=True)
+    watcher.start()
+    with pytest.raises(LmforgeError, match=r"tokens-00001.bin: shard 1 vanished or changed mid-run .*--resume"):
+        main(_cfg(tok, copy, run))
+    watcher.join()
+    assert not (run / "model").exists()
+    last = int(checkpoints(run)[-1].name.split("-")[1])
+    assert last >= 10 and (run / "run.json").is_file()
+    assert [s for s, _ in _losses(run)][:last] == list(range(1, last + 1))  # the log up to the checkpoint is kept
+
+    away.rename(shard)
+    main(_cfg(tok, copy, run, resume=True))
+    assert _losses(run) == _losses(reference)
 
 
 def test_activation_checkpointing_changes_memory_not_math(tiny_data: tuple[Path, Path], tmp_path: Path,

@@ -110,6 +110,7 @@ def _loop_config(cfg: PretrainConfig, mcfg: ModelConfig, device: torch.device, b
         weight_decay=cfg.weight_decay, betas=(0.9, cfg.beta2), grad_clip=cfg.grad_clip, eval_every=cfg.eval_every,
         save_every=cfg.save_every, keep_last=cfg.keep_last, progress=cfg.progress, schedule=cfg.schedule,
         decay_ratio=cfg.decay_ratio, flops_per_token=6 * n_params(mcfg), peak_flops=peak, bytes_per_token=bpt,
+        warm_allocator=True,  # one model, fixed shapes: step 1's pages serve every later step
     )
 
 

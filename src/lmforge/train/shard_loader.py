@@ -54,6 +54,24 @@ class ShardBatches:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.train_windows)
 
+    def _check(self, shard: int) -> None:
+        """Refuse to read a shard whose file has gone or shrunk since the run opened it.
+
+        A memory map outlives its file's deletion on Linux, and reading a truncated one kills the process with
+        SIGBUS; one stat per read turns both into an error the user can act on, before any state is touched.
+        """
+        tokens = self.shards.tokens[shard]
+        path = self.shards.directory / self.shards.manifest["shards"][shard]["bin"]
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            size, why = -1, e.strerror
+        else:
+            why = f"{size} bytes, the run opened {tokens.nbytes}"
+        if size != tokens.nbytes:
+            raise LmforgeError(f"{path}: shard {shard} vanished or changed mid-run ({why}); restore it and resume "
+                               "with --resume (the checkpoints are intact)")
+
     def window(self, j: int) -> np.ndarray:
         """Tokens [j*T, j*T + T + 1) of the stream, read across shard boundaries."""
         start, end = j * self.seq_len, j * self.seq_len + self.seq_len + 1
@@ -62,11 +80,8 @@ class ShardBatches:
         while start < end:
             local = start - int(self.offsets[first])
             take = min(end, int(self.offsets[first + 1])) - start
-            try:
-                pieces.append(np.asarray(self.shards.tokens[first][local : local + take], dtype=np.int64))
-            except OSError as e:
-                raise LmforgeError(f"{self.shards.directory}: shard {first} cannot be read ({e}); restore it and "
-                                   "resume with --resume (the checkpoints are intact)") from e
+            self._check(first)
+            pieces.append(np.asarray(self.shards.tokens[first][local : local + take], dtype=np.int64))
             start, first = start + take, first + 1
         return np.concatenate(pieces)
 
