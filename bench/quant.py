@@ -23,7 +23,6 @@ import ctypes
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -121,13 +120,20 @@ def run_llamacpp(gguf: Path, prompt_len: int, tokens: int, tokenizer_dir: Path) 
     return out | {"decode_tps": statistics.median(decode[1:]), "prefill_tps": statistics.median(prefill[1:])}
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS. Not getrusage: Linux carries ru_maxrss across exec, so a child started by a
+    parent that held a model (while quantizing it) would report the parent's peak."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024 / 1e6
+
+
 def child(args: argparse.Namespace) -> None:
     target = Path(args.target)
     if target.suffix == ".gguf":
         out = run_llamacpp(target, args.prompt, args.tokens, Path(args.tokenizer))
     else:
         out = run_ours(target, args.prompt, args.tokens)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
+    out["peak_rss_mb"] = _peak_rss_mb()
     print(json.dumps(out))
 
 
