@@ -42,26 +42,24 @@ def int4_grid(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
     return ((hi - lo) / 15).half(), lo.half()
 
 
-def int4_grid_searched(w: Tensor, group: int, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-group fp16 scale and offset (N, K / group) with the least squared rounding error, each weight's error
-    weighted by `importance` (K,) (the mean square of its input on a calibration text) or equally when None.
+def int4_grid_searched(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Per-group fp16 scale and offset (N, K / group) with the least squared rounding error, for w (N, K) float.
 
     Each group's [min, max] is tried, and ranges shrunk by SHRINK from either end (clipping a few outliers buys a
-    finer step for the rest); each candidate is refitted once by weighted least squares on its codes. [min, max]
-    keeps the weights that already lie on a 16-level grid exact, so the search never does worse than int4_grid.
+    finer step for the rest); each candidate is refitted once by least squares on its codes. [min, max] keeps the
+    weights that already lie on a 16-level grid exact, so the search never does worse than int4_grid. (Weighting
+    the error by each input's mean square on a calibration text was tried: +6.1% perplexity on Qwen2.5-0.5B against
+    +2.6% unweighted.)
     """
     n, k = w.shape
     x = w.float().reshape(n, k // group, group)  # (N, G, group)
-    weight = torch.ones(1, 1, group) if importance is None else importance.float().reshape(1, k // group, group)
-    weight = weight.expand_as(x) + 1e-12 * weight.mean()  # an input never seen still counts a little
     lo, hi = x.amin(-1), x.amax(-1)  # (N, G)
     best_err = best_d = best_m = None
     for a in SHRINK:
         for b in SHRINK:
             span = hi - lo
-            d, m = ((span * (1 - a - b)) / 15).half(), (lo + a * span).half()
-            d, m = _refit(x, weight, d, m)
-            err = (weight * (_on_grid(x, d, m) - x) ** 2).sum(-1)  # (N, G)
+            d, m = _refit(x, ((span * (1 - a - b)) / 15).half(), (lo + a * span).half())
+            err = ((_on_grid(x, d, m) - x) ** 2).sum(-1)  # (N, G)
             if best_err is None:
                 best_err, best_d, best_m = err, d, m
             else:
@@ -84,15 +82,15 @@ def _on_grid(x: Tensor, d: Tensor, m: Tensor) -> Tensor:
     return _codes(x, d, m) * d.float()[..., None] + m.float()[..., None]
 
 
-def _refit(x: Tensor, weight: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
-    """The weighted least-squares scale and offset for the codes that grid (d, m) gives x; kept where degenerate."""
+def _refit(x: Tensor, d: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
+    """The least-squares scale and offset for the codes that grid (d, m) gives x; kept where all codes are equal."""
     q = _codes(x, d, m)
-    sw, sq, sqq = weight.sum(-1), (weight * q).sum(-1), (weight * q * q).sum(-1)
-    sx, sqx = (weight * x).sum(-1), (weight * q * x).sum(-1)
-    det = sw * sqq - sq * sq
-    ok = det > 1e-12 * sw * sqq  # all codes equal: no slope to fit
+    count, sq, sqq = x.shape[-1], q.sum(-1), (q * q).sum(-1)
+    sx, sqx = x.sum(-1), (q * x).sum(-1)
+    det = count * sqq - sq * sq
+    ok = det > 1e-12 * count * sqq  # all codes equal: no slope to fit
     det = torch.where(ok, det, torch.ones_like(det))
-    d2 = torch.where(ok, (sw * sqx - sq * sx) / det, d.float())
+    d2 = torch.where(ok, (count * sqx - sq * sx) / det, d.float())
     m2 = torch.where(ok, (sqq * sx - sq * sqx) / det, m.float())
     return d2.clamp(min=0).half(), m2.half()
 
