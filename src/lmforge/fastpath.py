@@ -97,7 +97,7 @@ class DecodeAttention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, at: Positions | None, cache: tuple[Tensor, Tensor] | None
     ) -> Tensor:
         qkv = self.qkv_proj(x)
-        if x.shape[1] == 1 and cache is not None and at is not None and _native(x):
+        if x.shape[1] == 1 and cache is not None and at is not None and at.rope is None and _native(x):
             args = (qkv, self.n_heads, self.n_kv, self.rope_cos, self.rope_sin, at.pos, *cache)
             y = _run(kernels.decode_attention, kernels.decode_attention_op, *args)
         else:

@@ -103,15 +103,17 @@ class KVCache:
 class Positions:
     """Where the tokens of one forward call sit, and what they may attend to.
 
-    pos: (T,) when every row shares the same positions, else (B, T).
+    pos: (T,) when every row shares the same positions, else (B, T): cache slots, and RoPE positions unless `rope`.
     kv_len: how many cache positions to attend over (the largest row length after this call).
     mask: (B, 1, T, kv_len) boolean, or None when plain causal attention is exact (see `Positions.make`).
+    rope: (T,) RoPE positions where they differ from the slots: `Positions.packed`, several sequences in one row.
     """
 
     pos: Tensor
     kv_len: int
     mask: Tensor | None
     causal: bool
+    rope: Tensor | None = None
 
     @classmethod
     def make(cls, pos: Tensor) -> Positions:
@@ -124,6 +126,20 @@ class Positions:
         rows = pos if pos.dim() == 2 else pos[None]  # (B or 1, T)
         mask = torch.arange(kv_len, device=pos.device) <= rows[:, :, None]  # (B, T, kv_len)
         return cls(pos, kv_len, mask[:, None], causal=False)
+
+    @classmethod
+    def packed(cls, rope: Tensor, mask: Tensor) -> Positions:
+        """T tokens of one row in slots 0..T-1, at RoPE positions `rope` (T,), token i seeing j where mask[i, j]."""
+        t = rope.shape[0]
+        return cls(torch.arange(t, device=rope.device), t, mask[None, None], causal=False, rope=rope)
+
+    def shifted(self, p: int) -> Positions:
+        """These positions behind p leading cache slots that every token sees (a P-Tuning prefix)."""
+        if self.rope is None:
+            return Positions.make(self.pos + p)
+        assert self.mask is not None
+        seen = torch.ones(*self.mask.shape[:-1], p, dtype=torch.bool, device=self.mask.device)
+        return Positions(self.pos + p, self.kv_len + p, torch.cat([seen, self.mask], -1), False, self.rope + p)
 
 
 class Attention(nn.Module):
@@ -164,6 +180,7 @@ def attend(
     if cache is not None:
         assert at is not None
         k, v = write_cache(cache, k, v, at)
+    if at is not None:
         mask, causal = at.mask, at.causal
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=n_kv != n_heads)
     return y.transpose(1, 2).reshape(b, t, -1)
@@ -258,7 +275,10 @@ class Transformer(nn.Module):
         b, t = input_ids.shape
         if self.prefix is not None:
             positions, cache = self.prefix(input_ids, positions, cache)  # tokens move to positions P, P+1, ...
-        pos = torch.arange(t, device=input_ids.device) if positions is None else positions.pos
+        if positions is None:
+            pos = torch.arange(t, device=input_ids.device)
+        else:
+            pos = positions.pos if positions.rope is None else positions.rope
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D) or (B, T, D)
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D) to broadcast over heads

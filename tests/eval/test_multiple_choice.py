@@ -65,6 +65,27 @@ def test_packed_questions_score_as_each_alone(tiny_dir: Path) -> None:
         assert [[g for _, g in row] for row in got] == [[g for _, g in row] for row in want]
 
 
+def test_packed_scoring_with_a_ptuning_prefix_equals_a_plain_forward(tiny_dir: Path) -> None:
+    """The prefix's slots come before every packed group's tokens, seen by all, and shift their RoPE positions."""
+    from lmforge.train.ptuning import PtuningConfig, apply_ptuning
+
+    model, tok = load_checkpoint(tiny_dir)
+    torch.manual_seed(0)
+    apply_ptuning(model, PtuningConfig(prefix_len=3, init_std=0.5))
+    groups = [(tok.encode("Q: 1+1?\nAnswer:"), [tok.encode(" two"), tok.encode(" 二")]),
+              (tok.encode("北京？\n答案："), [tok.encode(" 是的，北京是首都"), tok.encode(" A")])]
+    with torch.no_grad():
+        want = []
+        for prefix, conts in groups:
+            row = []
+            for c in conts:
+                logp = F.log_softmax(model(torch.tensor([prefix + c]))[0, len(prefix) - 1 : -1], -1)
+                row.append(sum(logp[j, t].item() for j, t in enumerate(c)))
+            want.append(row)
+    got = mc.score_groups(model, groups, budget=10**6)
+    assert [[g for g, _ in row] for row in got] == [[pytest.approx(w, abs=1e-4) for w in row] for row in want]
+
+
 def write_csv(path: Path, rows: list[list[str]]) -> None:
     import csv
 

@@ -7,8 +7,8 @@ them for its two task styles:
             behind published numbers;
   acc_norm  the option whose own text is most likely per UTF-8 byte (lm-eval's length-normalized accuracy), which
             does not depend on the model having learned the letter format.
-Scoring (`score_groups`) runs each prompt once into a KV cache that every option's row then shares, and packs
-several questions into each forward (prompts right-padded, per-row positions), since a CPU matmul over one
+Scoring (`score_groups`) runs each prompt once, with every option after it in the same row under a mask that
+keeps options from seeing each other, and packs several questions into each row, since a CPU matmul over one
 prompt's ~60 token rows runs far below the rate it reaches at a few hundred. A prompt too long for the context
 loses shots, one at a time, and the result counts the questions that did.
 
@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.tasks import Task, take
-from lmforge.model import KVCache, Positions, Transformer
+from lmforge.model import Positions, Transformer
 from lmforge.progress import track
 from lmforge.tokenizer import Tokenizer
 
@@ -170,10 +169,8 @@ def pick_shots(q: Question, dev: list[Question], k: int) -> list[Question]:
 
 
 Group = tuple[list[int], list[list[int]]]  # (prefix ids, its continuations' ids)
-ROW_BUDGET = 512  # most padded token rows per forward: bounds the activations and the copied cache rows
-# What one more forward costs, in token rows: a CPU product [M, 576] x [576, 1536] costs about 11 rows' worth more
-# than M rows' worth, whatever M (measured here, one thread), plus the forward's small ops.
-FORWARD_COST = 16
+Scores = list[list[tuple[float, bool]]]  # (log-likelihood, greedy?) of each continuation of each group
+ROW_BUDGET = 512  # token rows per forward: a CPU matmul runs near its best rate from a few hundred rows
 
 
 def score_continuations(model: Transformer, prefix: list[int], continuations: list[list[int]]) -> list[float]:
@@ -182,107 +179,81 @@ def score_continuations(model: Transformer, prefix: list[int], continuations: li
 
 
 @torch.inference_mode()
-def score_groups(model: Transformer, groups: list[Group], budget: int = ROW_BUDGET) -> list[list[tuple[float, bool]]]:
+def score_groups(model: Transformer, groups: list[Group], budget: int = ROW_BUDGET) -> Scores:
     """(log-likelihood, greedy?) of every continuation of every group, several groups to a forward.
 
-    Groups are sorted longest prefix first and cut into packs (`batches`); each pack's continuations are then
-    batched the same way. Results are those of each group scored alone: padding never reaches a real token.
+    Each group is laid out as one run of tokens, its prefix and then every continuation but its last token (whose
+    output predicts nothing), and runs are packed into rows of about `budget` tokens (`packs`). One forward per
+    row, no padding and no cache: a mask lets a prefix token see its own prefix causally, and a continuation token
+    its group's prefix and its own continuation causally, each at the positions it would have alone. Results are
+    those of each group scored alone, up to float summation order.
     """
-    order = sorted(range(len(groups)), key=lambda i: -len(groups[i][0]))
-    out: list[list[tuple[float, bool]]] = [[] for _ in groups]
-    for begin, end in batches([len(groups[i][0]) for i in order], budget):
-        _score_pack(model, groups, order[begin:end], out, budget)
+    out: Scores = [[] for _ in groups]
+    sizes = [len(prefix) + sum(len(c) - 1 for c in conts) for prefix, conts in groups]
+    for members in packs(sizes, budget):
+        _score_row(model, groups, members, out)
     return out
 
 
-def batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
-    """Cut rows of these lengths (longest first) into runs [begin, end) that each become one padded forward.
-
-    The cut minimizes padded rows plus FORWARD_COST per forward (dynamic programming over run ends), with each
-    run's padded rows within `budget` unless one row alone exceeds it: a few long options then do not pad many
-    short ones to their length, and short prompts still share forwards.
-    """
-    best = [0.0] + [float("inf")] * len(lengths)  # best[j]: cost of the first j rows
-    start = [0] * (len(lengths) + 1)
-    for end in range(1, len(lengths) + 1):
-        for begin in range(end - 1, -1, -1):
-            if end - begin > 1 and (end - begin) * lengths[begin] > budget:
-                break  # longer runs from further back only get wider
-            cost = best[begin] + (end - begin) * lengths[begin] + FORWARD_COST
-            if cost < best[end]:
-                best[end], start[end] = cost, begin
-    cuts, end = [], len(lengths)
-    while end:
-        cuts.append((start[end], end))
-        end = start[end]
-    return cuts[::-1]
+def packs(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices of runs of these sizes, first-fit decreasing into bins of `budget` (a bigger run gets its own)."""
+    bins: list[tuple[int, list[int]]] = []  # (room left, members)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        slot = next((b for b, (room, _) in enumerate(bins) if room >= sizes[i]), None)
+        if slot is None:
+            bins.append((budget - sizes[i], [i]))
+        else:
+            room, members = bins[slot]
+            bins[slot] = (room - sizes[i], [*members, i])
+    return [members for _, members in bins]
 
 
-def _score_pack(
-    model: Transformer, groups: list[Group], pack: list[int], out: list[list[tuple[float, bool]]], budget: int
-) -> None:
-    """Score the groups `pack` names into `out`.
-
-    1. One forward: the prefixes, right-padded, into a cache of one row per group; each row's last real position
-       gives the logits of every continuation's first token.
-    2. Every continuation of two or more tokens gets a copy of its group's cache row, and its tokens but the last
-       (whose output predicts nothing) run at the positions after its prefix (`_score_tails`).
-    Padding sits after each row's real tokens, so no real query attends to it (causal mask and per-row positions).
-    """
-    param = next(model.parameters())
-    prefixes = [groups[i][0] for i in pack]
-    lengths = torch.tensor([len(p) for p in prefixes], device=param.device)
-    p_max = max(len(p) for p in prefixes)
-    u_max = max(len(c) - 1 for i in pack for c in groups[i][1])
-    cache = KVCache.allocate(model.cfg, len(pack), model.prefix_len + p_max + u_max, param.dtype, param.device)
-    ids = _padded(prefixes, p_max, param.device)  # (G, P)
-    first = model(ids, Positions.make(torch.arange(p_max, device=param.device)), cache, keep=lengths - 1)
-    first = first[:, 0].float()  # (G, V)
-    first_logp, first_best = first.log_softmax(-1), first.argmax(-1)  # (G, V), (G,)
-    tails = [(g, j, c) for g, i in enumerate(pack) for j, c in enumerate(groups[i][1]) if len(c) > 1]
-    rest = _score_tails(model, cache, lengths, tails, budget)
-    for g, i in enumerate(pack):
-        scores = []
-        for j, c in enumerate(groups[i][1]):
-            logp, greedy = first_logp[g, c[0]].item(), int(first_best[g]) == c[0]
-            if (g, j) in rest:
-                logp, greedy = logp + rest[g, j][0], greedy and rest[g, j][1]
-            scores.append((logp, greedy))
-        out[i] = scores
-
-
-def _score_tails(
-    model: Transformer, cache: KVCache, lengths: Tensor, tails: list[tuple[int, int, list[int]]], budget: int
-) -> dict[tuple[int, int], tuple[float, bool]]:
-    """(log-likelihood, greedy?) of tokens 1.. of each (cache row g, option j, ids) in `tails`, keyed by (g, j).
-
-    Rows run longest first, cut into forwards by `batches`, so that short options do not pad to the longest one
-    (option lengths vary far more than prompt lengths do).
-    """
-    device = lengths.device
-    tails = sorted(tails, key=lambda t: -len(t[2]))
-    out: dict[tuple[int, int], tuple[float, bool]] = {}
-    for begin, end in batches([len(c) - 1 for _, _, c in tails], budget):
-        batch = tails[begin:end]
-        u = len(batch[0][2]) - 1  # the longest in this batch
-        owner = torch.tensor([g for g, _, _ in batch], device=device)  # (R,)
-        shared = KVCache([k.index_select(0, owner) for k in cache.k], [v.index_select(0, owner) for v in cache.v])
-        x = _padded([c[:-1] for _, _, c in batch], u, device)  # (R, U)
-        pos = lengths[owner][:, None] + torch.arange(u, device=device)  # (R, U): right after each row's prefix
-        n_real = torch.tensor([len(c) - 1 for _, _, c in batch], device=device)
-        real = torch.arange(u, device=device) < n_real[:, None]  # (R, U)
-        logits = model(x, Positions.make(pos), shared, keep=real).float()  # (N, V): real positions, row-major
-        targets = torch.tensor([t for _, _, c in batch for t in c[1:]], device=device)  # (N,)
-        logp = logits.gather(-1, targets[:, None])[:, 0] - logits.logsumexp(-1)
-        greedy = logits.argmax(-1) == targets
-        for (g, j, _), lp, gr in zip(batch, logp.split(n_real.tolist()), greedy.split(n_real.tolist()), strict=True):
-            out[g, j] = lp.sum().item(), bool(gr.all())
-    return out
-
-
-def _padded(rows: list[list[int]], width: int, device: torch.device) -> Tensor:
-    """(len(rows), width) ids, each row right-padded with its own last token (any id would do: never attended)."""
-    return torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
+def _score_row(model: Transformer, groups: list[Group], members: list[int], out: Scores) -> None:
+    """Score the groups `members` names, laid out in one row, into `out`."""
+    device = next(model.parameters()).device
+    ids: list[int] = []
+    rope: list[int] = []
+    seq: list[int] = []  # per token: its group's index in the row
+    part: list[int] = []  # per token: -1 in a prefix, else a continuation number unique in the row
+    keep: list[int] = []  # the tokens whose logits are read
+    reads: list[tuple[int, int]] = []  # per scored token: (index into keep, target id), continuation by continuation
+    lengths: list[int] = []  # scored tokens per continuation (= its length)
+    for g, i in enumerate(members):
+        prefix, conts = groups[i]
+        ids += prefix
+        rope += range(len(prefix))
+        seq += [g] * len(prefix)
+        part += [-1] * len(prefix)
+        keep.append(len(ids) - 1)
+        last = len(keep) - 1  # the prefix's last token predicts every continuation's first
+        for c in conts:
+            n = len(lengths)
+            reads.append((last, c[0]))
+            for j, (token, target) in enumerate(zip(c[:-1], c[1:], strict=True)):
+                reads.append((len(keep), target))
+                keep.append(len(ids))
+                ids.append(token)
+                rope.append(len(prefix) + j)
+                seq.append(g)
+                part.append(n)
+            lengths.append(len(c))
+    seq_t, part_t = torch.tensor(seq, device=device), torch.tensor(part, device=device)
+    index = torch.arange(len(ids), device=device)
+    mask = (
+        (seq_t[:, None] == seq_t[None, :])
+        & (index[None, :] <= index[:, None])
+        & ((part_t[None, :] == -1) | (part_t[None, :] == part_t[:, None]))
+    )
+    at = Positions.packed(torch.tensor(rope, device=device), mask)
+    x = torch.tensor([ids], device=device)
+    logits = model(x, at, None, keep=torch.tensor([keep], device=device))[0].float()  # (K, V)
+    rows = torch.tensor([r for r, _ in reads], device=device)
+    targets = torch.tensor([t for _, t in reads], device=device)
+    logp = logits[rows, targets] - logits.logsumexp(-1)[rows]
+    greedy = logits.argmax(-1)[rows] == targets
+    scores = iter(zip(logp.split(lengths), greedy.split(lengths), strict=True))
+    for i in members:
+        out[i] = [(lp.sum().item(), bool(gr.all())) for lp, gr in (next(scores) for _ in groups[i][1])]
 
 
 @dataclass

@@ -64,13 +64,12 @@ class Prefix(nn.Module):
                 k=[torch.cat([k.expand(b, -1, -1, -1), tail], dim=2) for k in self.k],
                 v=[torch.cat([v.expand(b, -1, -1, -1), tail], dim=2) for v in self.v],
             )
-            pos = torch.arange(t, device=input_ids.device)
         else:  # the engine's cache: its first P slots belong to the prefix
             for i in range(len(cache.k)):
                 cache.k[i][:, :, :p] = self.k[i]
                 cache.v[i][:, :, :p] = self.v[i]
-            pos = positions.pos if positions is not None else torch.arange(t, device=input_ids.device)
-        return Positions.make(pos + p), cache
+        at = positions if positions is not None else Positions.make(torch.arange(t, device=input_ids.device))
+        return at.shifted(p), cache
 
 
 def apply_ptuning(model: Transformer, cfg: PtuningConfig) -> Transformer:
