@@ -1,10 +1,12 @@
 """Real torch.distributed on CPU: 2 gloo processes with DDP and FSDP2 follow the 1-process loss curve for the same
-global batch, a sharded checkpoint written by 2 ranks loads into 1 process, and a 2-process run killed with SIGKILL
-resumes onto the uninterrupted run's curve."""
+global batch (under FSDP, continuing a checkpoint whose weights only rank 0 reads), a sharded checkpoint written by
+2 ranks loads into 1 process, and a 2-process run killed with SIGKILL resumes onto the uninterrupted run's curve."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -31,11 +33,12 @@ def _cfg(tok: Path, shards: Path, out: Path, **over: object) -> PretrainConfig:
     return PretrainConfig(**settings | over)
 
 
-def _rank(rank: int, port: int, cfg: PretrainConfig) -> None:
+def _rank(rank: int, port: int, cfg: PretrainConfig, rank1_init: str | None = None) -> None:
+    """One of 2 ranks; rank1_init: another --init for rank 1 alone."""
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    main(cfg)
+    main(dataclasses.replace(cfg, init=rank1_init) if rank == 1 and rank1_init else cfg)
 
 
 def _free_port() -> int:
@@ -73,7 +76,11 @@ def test_two_ranks_follow_one_process(strategy: str, one_process: Path, start: P
     tok, shards = tiny_data
     out = tmp_path / strategy
     cfg = _cfg(tok, shards, out, distributed=strategy, init=str(start))
-    mp.spawn(_rank, args=(_free_port(), cfg), nprocs=2, join=True)
+    rank1_init = None
+    if strategy == "fsdp":  # rank 0 broadcasts the weights: rank 1 continues a copy of `start` with no weights file
+        no_weights = shutil.ignore_patterns("*.safetensors")
+        rank1_init = str(shutil.copytree(start, tmp_path / "config-only", ignore=no_weights))
+    mp.spawn(_rank, args=(_free_port(), cfg, rank1_init), nprocs=2, join=True)
     torch.testing.assert_close(_losses(out), _losses(one_process), rtol=RTOL, atol=0)
     evals = [[r["eval_loss"] for r in read_log(run) if "eval_loss" in r] for run in (out, one_process)]
     torch.testing.assert_close(evals[0], evals[1], rtol=RTOL, atol=0)

@@ -5,7 +5,8 @@
   `torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m lmforge.cli pretrain ...`.
 - `build_model()` makes the model on the meta device, shards it with FSDP2 `fully_shard` (one unit per block, then
   the root) under a bf16-compute / fp32-reduce mixed-precision policy on GPU, and only then allocates and
-  initialises each rank's shard, so no rank ever holds the full model. DDP replicates a normally built model.
+  initialises each rank's shard, so no rank ever holds the full model (continuing a checkpoint, rank 0 reads it
+  and broadcasts each tensor to the ranks that own its shards). DDP replicates a normally built model.
 - Checkpoints are torch.distributed.checkpoint (DCP) directories: every rank writes its own shard in parallel into
   a temporary directory that rank 0 renames when all are done; DCP re-shards on load, so a run saved on 2 ranks
   resumes on 1 or 8. The loop's one-process format (loop.save_state) loads too.
@@ -67,7 +68,9 @@ def _checkpoint_blocks(model: Transformer) -> None:
 
 def build_model(cfg: ModelConfig, strategy: str, device: torch.device, init_std: float = 0.02,
                 state: dict[str, torch.Tensor] | None = None, checkpointing: bool = False) -> nn.Module:
-    """A freshly initialised (or `state`-loaded) model, wrapped for `strategy`; FSDP builds on the meta device."""
+    """A freshly initialised (or `state`-loaded) model, wrapped for `strategy`; FSDP builds on the meta device.
+
+    Under FSDP only rank 0's `state` is read; the other ranks pass {} (not None) and receive its tensors."""
     if strategy != "fsdp":
         model = Transformer(cfg).to(device)
         if state is None:
@@ -140,6 +143,11 @@ def save_sharded(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, 
         os.replace(tmp, directory)
 
 
+def save_local(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, counters: dict) -> None:
+    """loop.save_state under the Transformer's own names, which load_any expects (torch.compile adds `_orig_mod.`)."""
+    save_state(directory, unwrap(model), opt, counters)
+
+
 def load_any(directory: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Restore a checkpoint in either format (DCP from any number of ranks, or loop.save_state); the counters."""
     import torch.distributed.checkpoint as dcp
@@ -174,7 +182,7 @@ def _mean(value: float) -> float:
 def runtime(rank: int, world: int) -> Runtime:
     """The loop's view of this process group (one process: local saves, but any checkpoint format loads)."""
     if world == 1:
-        return Runtime(save=save_state, load=load_any)
+        return Runtime(save=save_local, load=load_any)
     return Runtime(world=world, is_main=rank == 0, mean=_mean, save=save_sharded, load=load_any, barrier=barrier)
 
 

@@ -36,13 +36,19 @@ from lmforge.train.shard_loader import ShardBatches
 # --- model, tokenizer, memory -------------------------------------------------------------------------------------
 
 
-def _model_config(cfg: PretrainConfig, shards: TokenShards) -> tuple[ModelConfig, dict | None]:
-    """(architecture, initial weights or None) for a fresh preset or a continued checkpoint."""
+def _model_config(cfg: PretrainConfig, shards: TokenShards, weights: bool = True) -> tuple[ModelConfig, dict | None]:
+    """(architecture, initial weights or None) for a fresh preset or a continued checkpoint.
+
+    weights=False reads only a checkpoint's config.json and gives an empty dict: an FSDP rank > 0, to which rank 0
+    broadcasts the tensors (distributed.build_model). Empty, not None, which would draw fresh weights instead."""
     if cfg.init:
         from lmforge.catalog import resolve_model
-        from lmforge.checkpoint import load_model
+        from lmforge.checkpoint import load_model, read_config
 
-        model = load_model(resolve_model(cfg.init, progress=cfg.progress))
+        directory = resolve_model(cfg.init, progress=cfg.progress)
+        if not weights:
+            return read_config(directory), {}
+        model = load_model(directory)
         return model.cfg, model.state_dict()
     preset = dataclasses.replace(PRESETS[cfg.preset], vocab_size=shards.vocab_size, eos_token_ids=[shards.eos_id])
     return dataclasses.replace(preset, max_seq_len=max(preset.max_seq_len, cfg.seq_len)), None
@@ -136,7 +142,7 @@ def main(cfg: PretrainConfig) -> dict:
     tok_dir = _tokenizer_dir(cfg)
     tokenizer = Tokenizer.load(tok_dir)
     tok_sha = sha256_file(tok_dir / "tokenizer.json") if (tok_dir / "tokenizer.json").is_file() else None
-    mcfg, state = _model_config(cfg, shards)
+    mcfg, state = _model_config(cfg, shards, weights=strategy != "fsdp" or rank == 0)
     shards.check_tokenizer(tok_sha, mcfg.vocab_size)
     check_memory(cfg, mcfg, device, world, strategy)
     manifest_sha = sha256_file(shards.directory / MANIFEST)
