@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,12 +129,12 @@ def test_gptq_lowers_reconstruction_error_on_a_real_layer(
 # --- the model pass and the format -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4:mixed"])
 def test_packed_weights_load_into_quantlinear_and_beat_rtn(
-    tiny_model: Transformer, tiny_tokenizer: Tokenizer, bits: int
+    tiny_model: Transformer, tiny_tokenizer: Tokenizer, quant: str
 ) -> None:
     ids = calibration_ids(tiny_tokenizer, n_samples=4, seq_len=64)
-    scheme = QuantScheme(bits=bits, group_size=32, head_bits=None)  # a float head: only the blocks differ below
+    scheme = dataclasses.replace(QuantScheme.parse(quant), head_bits=None)  # a float head: only the blocks differ
     before = copy.deepcopy(tiny_model.state_dict())
     packed = gptq_pack(tiny_model, scheme, ids, progress=False)
     assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in before.items())  # the float model is untouched
@@ -142,8 +143,8 @@ def test_packed_weights_load_into_quantlinear_and_beat_rtn(
     gptq = quantize_(copy.deepcopy(tiny_model), scheme, packed, progress=False)
     for name, p in packed.items():
         layer = gptq.get_submodule(name)
-        assert isinstance(layer, QuantLinear)
-        assert torch.equal(layer.expanded(torch.float32, torch.device("cpu")), pack.dequantize(p, bits, 32))
+        assert isinstance(layer, QuantLinear) and layer.bits == scheme.bits_for(name)
+        assert torch.equal(layer.expanded(torch.float32, torch.device("cpu")), pack.dequantize(p, layer.bits, 32))
     rtn = quantize_(copy.deepcopy(tiny_model), scheme, progress=False)
 
     x = torch.tensor(ids)
