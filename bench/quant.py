@@ -31,10 +31,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 WINDOW, STRIDE = 512, 256  # perplexity windows, the same for both runtimes
 # our settings: label, bits, method
-OURS = (("int8", 8, "rtn"), ("int4", 4, "rtn"), ("int4:mixed", 4, "rtn"), ("int4-gptq", 4, "gptq"))
+OURS = (
+    ("int8", 8, "rtn"),
+    ("int4", 4, "rtn"),
+    ("int4:mixed", 4, "rtn"),
+    ("int4-gptq", 4, "gptq"),
+    ("int4:mixed-gptq", 4, "gptq"),
+)
 LLAMA = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
 
 
@@ -49,75 +57,128 @@ def _heldout_ids(tokenizer) -> list[list[int]]:  # noqa: ANN001
     return [text_ids(tokenizer, p.read_text(encoding="utf-8"))[0] for p in resolve_texts("heldout")]
 
 
+# --- quality: perplexity, and closeness to the float model's distributions -----------------------------------------
+
+
+def _score(windows_logprobs: Iterator[tuple[Tensor, Tensor]], reference: Path, write: bool) -> dict:
+    """Perplexity, mean KL(float || this) and top-1 agreement with the float model over the scored tokens.
+
+    windows_logprobs yields (log-probs (S, V) float32, targets (S,)) per window in text order. The float setting
+    (write=True) stores its log-probs as the reference (an .npy, read back without pickle); the others compare
+    with it position by position. The per-token NLL differences also give a paired 95% interval for the
+    perplexity change, which tells whether two settings' perplexities differ by more than the text's noise.
+    """
+    import numpy as np
+
+    rows, nll, kl, agree, delta = 0, [], [], [], []
+    ref = None if write else np.load(reference, mmap_mode="r", allow_pickle=False)
+    stored = []
+    for logprobs, targets in windows_logprobs:
+        token_nll = -logprobs.gather(1, targets[:, None])[:, 0]  # (S,)
+        nll.append(token_nll)
+        if write:
+            stored.append(logprobs.numpy().copy())
+        else:
+            base = torch.from_numpy(np.array(ref[rows : rows + len(targets)]))  # (S, V), a copy off the map
+            kl.append(F.kl_div(logprobs, base, reduction="none", log_target=True).sum(-1))
+            agree.append(base.argmax(-1) == logprobs.argmax(-1))
+            delta.append(token_nll + base.gather(1, targets[:, None])[:, 0])
+        rows += len(targets)
+    if write:
+        tmp = reference.with_suffix(".tmp.npy")
+        np.save(tmp, np.concatenate(stored))
+        tmp.replace(reference)
+    out = {"ppl": math.exp(torch.cat(nll).double().mean().item()), "tokens": rows}
+    if not write:
+        d = torch.cat(delta).double()
+        half = 1.96 * d.std().item() / math.sqrt(len(d))
+        out |= {
+            "kl": torch.cat(kl).double().mean().item(),
+            "top1": torch.cat(agree).double().mean().item(),
+            "ppl_change_ci": (math.expm1(d.mean().item() - half), math.expm1(d.mean().item() + half)),
+        }
+    return out
+
+
+def _our_logprobs(model, texts: list[list[int]]) -> Iterator[tuple[Tensor, Tensor]]:  # noqa: ANN001
+    from lmforge.eval.perplexity import windows
+
+    for ids in texts:
+        for w in windows(len(ids), WINDOW, STRIDE):
+            x = torch.tensor([ids[w.begin : w.end]])
+            at = torch.arange(w.first - w.begin - 1, w.end - w.begin - 1)[None]  # logits at p predict p + 1
+            with torch.inference_mode():
+                logits = model(x, keep=at)[0].float()  # (S, V)
+            yield torch.log_softmax(logits, -1), torch.tensor(ids[w.first : w.end])
+
+
+def _llama_logprobs(llm, texts: list[list[int]]) -> Iterator[tuple[Tensor, Tensor]]:  # noqa: ANN001
+    from lmforge.eval.perplexity import windows
+
+    for ids in texts:
+        for w in windows(len(ids), WINDOW, STRIDE):
+            llm.reset()
+            llm.eval(ids[w.begin : w.end])
+            rows = llm.scores[w.first - w.begin - 1 : w.end - w.begin - 1]  # (S, V): position p predicts p + 1
+            logits = torch.from_numpy(rows.astype("float32"))
+            yield torch.log_softmax(logits, -1), torch.tensor(ids[w.first : w.end])
+
+
 # --- children: one setting each ----------------------------------------------------------------------------------
 
 
-def run_ours(directory: Path, prompt_len: int, tokens: int) -> dict:
+def run_ours(directory: Path, args: argparse.Namespace) -> dict:
     from lmforge.checkpoint import load_checkpoint
     from lmforge.engine import Engine, Stats
-    from lmforge.eval.perplexity import sum_nll
     from lmforge.quant.quantize import weight_bytes
     from lmforge.sampling import SamplingParams
 
     model, tok = load_checkpoint(directory)
     out = {"weight_mb": weight_bytes(model) / 1e6}
-    texts = _heldout_ids(tok)
-    nll = sum(sum_nll(model, ids, WINDOW, STRIDE, batch_size=2, progress=False) for ids in texts)
-    out["ppl"] = math.exp(nll / sum(len(ids) - 1 for ids in texts))
     engine = Engine(model, tok)
-    prompt = _prompt_ids(tok.encode, prompt_len)
+    prompt = _prompt_ids(tok.encode, args.prompt)
     decode, prefill = [], []
     for _ in range(3):  # the first round warms up
         engine.reset()
         stats = Stats()
-        for _ in engine.stream(prompt, SamplingParams(max_new_tokens=tokens, ignore_eos=True), stats):
+        for _ in engine.stream(prompt, SamplingParams(max_new_tokens=args.tokens, ignore_eos=True), stats):
             pass
         decode.append(stats.decode_tps)
         prefill.append(stats.prefill_tps)
-    return out | {"decode_tps": statistics.median(decode[1:]), "prefill_tps": statistics.median(prefill[1:])}
+    out |= {"decode_tps": statistics.median(decode[1:]), "prefill_tps": statistics.median(prefill[1:])}
+    out["peak_rss_mb"] = _peak_rss_mb()  # before scoring, whose full-vocabulary log-probs are the bench's own
+    return out | _score(_our_logprobs(model, _heldout_ids(tok)), Path(args.reference), args.write_reference)
 
 
-def run_llamacpp(gguf: Path, prompt_len: int, tokens: int, tokenizer_dir: Path) -> dict:
-    import numpy as np
+def run_llamacpp(gguf: Path, args: argparse.Namespace) -> dict:
     from llama_cpp import Llama
 
-    from lmforge.eval.perplexity import windows
     from lmforge.tokenizer import Tokenizer
 
     llm = Llama(
         str(gguf),
-        n_ctx=max(WINDOW, prompt_len + tokens) + 64,
+        n_ctx=max(WINDOW, args.prompt + args.tokens) + 64,
         n_threads=torch.get_num_threads(),
         n_batch=512,
         logits_all=True,
         verbose=False,
     )
     out = {"weight_mb": gguf.stat().st_size / 1e6}
-    texts = _heldout_ids(Tokenizer.load(tokenizer_dir))  # our token ids: both runtimes score the same sequence
-    nll, count = 0.0, 0
-    for ids in texts:
-        for w in windows(len(ids), WINDOW, STRIDE):
-            llm.reset()
-            llm.eval(ids[w.begin : w.end])
-            logits = np.asarray(llm.scores[: w.end - w.begin], dtype=np.float64)  # (L, V): position p predicts p + 1
-            rows = logits[w.first - w.begin - 1 : w.end - w.begin - 1]
-            top = rows.max(-1, keepdims=True)
-            logz = (top + np.log(np.exp(rows - top).sum(-1, keepdims=True)))[:, 0]
-            nll += float((logz - rows[np.arange(len(rows)), ids[w.first : w.end]]).sum())
-            count += w.end - w.first
-    out["ppl"] = math.exp(nll / count)
-    prompt = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False), prompt_len)
+    prompt = _prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False, special=False), args.prompt)
     decode, prefill = [], []
     for _ in range(3):
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
-        prefill.append(prompt_len / (time.perf_counter() - t))
+        prefill.append(args.prompt / (time.perf_counter() - t))
         t = time.perf_counter()
-        for _ in range(tokens):
+        for _ in range(args.tokens):
             llm.eval([llm.sample(temp=0.0)])
-        decode.append(tokens / (time.perf_counter() - t))
-    return out | {"decode_tps": statistics.median(decode[1:]), "prefill_tps": statistics.median(prefill[1:])}
+        decode.append(args.tokens / (time.perf_counter() - t))
+    out |= {"decode_tps": statistics.median(decode[1:]), "prefill_tps": statistics.median(prefill[1:])}
+    out["peak_rss_mb"] = _peak_rss_mb()
+    texts = _heldout_ids(Tokenizer.load(Path(args.tokenizer)))  # our token ids: both runtimes score the same ones
+    return out | _score(_llama_logprobs(llm, texts), Path(args.reference), write=False)
 
 
 def _peak_rss_mb() -> float:
@@ -129,11 +190,7 @@ def _peak_rss_mb() -> float:
 
 def child(args: argparse.Namespace) -> None:
     target = Path(args.target)
-    if target.suffix == ".gguf":
-        out = run_llamacpp(target, args.prompt, args.tokens, Path(args.tokenizer))
-    else:
-        out = run_ours(target, args.prompt, args.tokens)
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out = run_llamacpp(target, args) if target.suffix == ".gguf" else run_ours(target, args)
     print(json.dumps(out))
 
 
@@ -155,7 +212,7 @@ def prepare(name: str, work: Path, gptq: bool) -> tuple[Path, dict[str, Path]]:
         out = work / label.replace(":", "-")
         if not out.exists():
             t = time.perf_counter()
-            keep = RECIPES["mixed"] if label.endswith(":mixed") else ()
+            keep = RECIPES["mixed"] if ":mixed" in label else ()
             main(QuantizeConfig(out=str(out), model=str(source), bits=bits, method=method, int8_layers=keep))
             print(f"  quantized {label} in {time.perf_counter() - t:.0f} s", flush=True)
         settings[f"ours {label}"] = out
@@ -199,7 +256,8 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
-def measure(target: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict | None:
+def measure(target: Path, tokenizer_dir: Path, reference: Path, args: argparse.Namespace) -> dict | None:
+    """One setting in its own process; the first one (ours fp32) writes the reference log-probs."""
     cmd = [
         sys.executable,
         __file__,
@@ -211,6 +269,9 @@ def measure(target: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict
         str(args.tokens),
         "--prompt",
         str(args.prompt),
+        "--reference",
+        str(reference),
+        *(["--write-reference"] if target == tokenizer_dir else []),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -221,20 +282,28 @@ def measure(target: Path, tokenizer_dir: Path, args: argparse.Namespace) -> dict
 
 def report(name: str, results: dict[str, dict]) -> None:
     print(f"\n### {name}\n")
-    print("| setting | weight MB | peak RSS MB | decode tok/s | prefill tok/s | perplexity | ppl vs its float |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| setting | weight MB | peak RSS MB | decode tok/s | prefill tok/s | perplexity | vs fp32 (95% interval) "
+        "| KL to fp32 | same top-1 |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, m in results.items():
-        base = results.get("llama.cpp f32" if label.startswith("llama.cpp") else "ours fp32")
-        rel = f"{100 * (m['ppl'] / base['ppl'] - 1):+.2f}%" if base else ""
+        quality = ""
+        if "kl" in m:
+            low, high = m["ppl_change_ci"]
+            change = m["ppl"] / results["ours fp32"]["ppl"] - 1 if "ours fp32" in results else math.nan
+            interval = f"{100 * change:+.2f}% ({100 * low:+.2f}..{100 * high:+.2f})"
+            quality = f"{interval} | {m['kl']:.4f} | {100 * m['top1']:.1f}%"
         print(
             f"| {label} | {m['weight_mb']:.0f} | {m['peak_rss_mb']:.0f} | {m['decode_tps']:.1f} | "
-            f"{m['prefill_tps']:.1f} | {m['ppl']:.3f} | {rel} |"
+            f"{m['prefill_tps']:.1f} | {m['ppl']:.3f} | {quality or ' | |'} |"
         )
     pairs = (
         ("ours int4", "llama.cpp Q4_K_M"),
         ("ours int4", "llama.cpp Q4_1"),  # the same 5 bits per weight: 4-bit codes, fp16 scale and offset per 32
         ("ours int4:mixed", "llama.cpp Q4_K_M"),
         ("ours int4-gptq", "llama.cpp Q4_K_M"),
+        ("ours int4:mixed-gptq", "llama.cpp Q4_K_M"),
         ("ours int8", "llama.cpp Q8_0"),
     )
     for ours, theirs in pairs:
@@ -255,6 +324,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="where quantized weights are kept (default: <cache>/bench-quant)")
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    ap.add_argument("--reference", help=argparse.SUPPRESS)
+    ap.add_argument("--write-reference", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.target:
         return child(args)
@@ -267,7 +338,7 @@ def main() -> None:
         source, settings = prepare(name, work, gptq=not args.no_gptq)
         results = {}
         for label, target in settings.items():
-            if (m := measure(target, source, args)) is not None:
+            if (m := measure(target, source, work / "reference-logprobs.npy", args)) is not None:
                 results[label] = m
                 print(f"  {label}: {m}", flush=True)
         report(name, results)

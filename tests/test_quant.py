@@ -292,6 +292,9 @@ def test_quant_flag_quantizes_once_then_reuses(tmp_path: Path, monkeypatch: pyte
         assert torch.equal(first.model(ids), again.model(ids))
     with pytest.raises(LmforgeError, match="already quantized"):
         open_model(str(kept), "int8")
+    monkeypatch.setattr(pack, "ROUNDING_VERSION", pack.ROUNDING_VERSION + 1)  # rounding code changed since
+    open_model(str(src), "int4")
+    assert len(list((tmp_path / "cache" / "quantized").iterdir())) == 2  # made again, not the stale copy reused
 
 
 def test_gptq_through_the_quantize_stage(tmp_path: Path) -> None:

@@ -83,7 +83,10 @@ def test_lora_run_outputs_lineage_and_adapter_use(base: Path, tmp_path: Path, ca
     )
 
 
-def test_full_with_mixing_ptuning_and_qlora_runs(base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_full_with_mixing_ptuning_and_qlora_runs(
+    base: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # --quant's cached int8 copy stays in tmp_path
     general = tmp_path / "general.txt"
     general.write_text("The quick brown fox jumps over the lazy dog.\n\n机器学习让计算机从数据中学习规律。\n")
     mixing = ["--mix-data", str(general), "--mix-ratio", "0.25"]

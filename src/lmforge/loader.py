@@ -41,13 +41,15 @@ def open_model(spec: str | None, quant: str | None = None, adapter: str | Path |
 
 def quantized(directory: Path, quant: str) -> Path:
     """A quantized checkpoint of `directory`: itself when it already is one of that scheme, else one made by
-    `lmforge quantize` once and kept in the cache (keyed on the source's files), since quantizing takes a while."""
+    `lmforge quantize` once and kept in the cache (keyed on the source's files and the rounding code's version),
+    since quantizing takes a while."""
     import hashlib
 
     from lmforge.catalog import cache_dir
     from lmforge.checkpoint import is_checkpoint, read_quantization, weight_files
     from lmforge.errors import LmforgeError
     from lmforge.quant import QuantScheme
+    from lmforge.quant.pack import ROUNDING_VERSION
     from lmforge.quant.quantize import QuantizeConfig, main
 
     scheme = QuantScheme.parse(quant)
@@ -63,7 +65,7 @@ def quantized(directory: Path, quant: str) -> Path:
             )
         return directory
     files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(directory)]
-    key = hashlib.sha256(repr((str(directory.resolve()), scheme, files)).encode()).hexdigest()[:12]
+    key = hashlib.sha256(repr((str(directory.resolve()), scheme, files, ROUNDING_VERSION)).encode()).hexdigest()[:12]
     out = cache_dir() / "quantized" / f"{directory.parent.name}-{scheme.label.replace(':', '-')}-{key}"
     if not is_checkpoint(out):
         print(f"lmforge: quantizing {directory} to {scheme.label} once; kept at {out}", file=sys.stderr)

@@ -18,6 +18,9 @@ from torch import Tensor
 from lmforge.errors import LmforgeError
 
 BLOCK = 32  # the kernels' block along K; every group size is a multiple of it
+# Bumped whenever a weight rounds to different codes than before (a new grid search, say): checkpoints that
+# loader.quantized made and cached with older rounding are then made again instead of silently reused.
+ROUNDING_VERSION = 2
 
 
 @dataclass
