@@ -33,6 +33,8 @@ from lmforge.progress import track
 from lmforge.tokenizer import Tokenizer
 
 LETTERS = "ABCDEFGHIJ"
+CHUNK = 32  # questions scored per call of score_groups
+LONGEST_OPTION = 64  # tokens reserved for the continuations
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
@@ -304,10 +306,6 @@ def evaluate(
         for q, (_, _, kept), s in zip(chunk, groups, scores, strict=True):
             _record(result, q, [logp for logp, _ in s], kept)
     return result
-
-
-CHUNK = 32
-LONGEST_OPTION = 64  # tokens reserved for the continuations
 
 
 def _group(
