@@ -310,3 +310,20 @@ def test_gptq_through_the_quantize_stage(tmp_path: Path) -> None:
     with pytest.raises(LmforgeError, match="--calib is the calibration text of --method gptq"):
         main(QuantizeConfig(out=str(tmp_path / "g"), model=str(src), calib=str(calib)))
     assert not (tmp_path / "g").exists()
+
+
+def test_quant_flag_with_gptq_calibrates_once_and_checks_the_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge.loader import open_model
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    src = _save_tiny(tmp_path / "float", "qwen2-tiny")
+    assert scheme_of(open_model(str(src), "int4:gptq").model) == QuantScheme(bits=4, method="gptq")
+    [kept] = (tmp_path / "cache" / "quantized").iterdir()
+    assert "-int4-gptq-" in kept.name  # apart from an RTN copy of the same model
+    assert scheme_of(open_model(str(kept), "int4").model).method == "gptq"  # any INT4 g32 rounding will do
+    rtn = tmp_path / "rtn"
+    main(QuantizeConfig(out=str(rtn), model=str(src), progress=False))
+    with pytest.raises(LmforgeError, match=r"already quantized \(int4\)"):
+        open_model(str(rtn), "int4:gptq")

@@ -47,7 +47,8 @@ def _sampling(args: argparse.Namespace):  # noqa: ANN202 - imported lazily
 def _add_model(p: argparse.ArgumentParser) -> None:
     """--model, --quant and --adapter: the flags every command that runs a model shares (see loader.open_model)."""
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--quant", default=None, help="quantize on load: int8 or int4, e.g. int4:g64, int4:mixed")
+    quants = "int8 or int4, e.g. int4:g64, int4:mixed, int4:gptq"
+    p.add_argument("--quant", default=None, help=f"quantize on load (once, then cached): {quants}")
     p.add_argument("--adapter", default=None, help="a LoRA / P-Tuning v2 adapter directory to apply on top")
 
 

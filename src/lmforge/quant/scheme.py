@@ -54,24 +54,26 @@ class QuantScheme:
 
     @classmethod
     def parse(cls, text: str) -> QuantScheme:
-        """ "int8", "int4", "int4:g64", "int4:mixed", "int4:g64:mixed" (the `--quant` flag)."""
+        """ "int8", "int4", "int4:g64", "int4:mixed", "int4:g64:mixed", "int4:gptq" (the `--quant` flag)."""
         name, *rest = text.strip().lower().split(":")
         if name not in ("int4", "int8"):
             raise LmforgeError(
                 f"--quant {text!r}: expected int8 or int4, optionally with a group size and a recipe (int4:g64:mixed)"
             )
-        group, keep = 32, ()
+        group, keep, method = 32, (), "rtn"
         for part in rest:
             if part in RECIPES:
                 keep = RECIPES[part]
+            elif part == "gptq":
+                method = part
             elif part.startswith("g") and part[1:].isdigit():
                 group = int(part[1:])
             else:
                 raise LmforgeError(
-                    f"--quant {text!r}: {part!r} is neither a group size (g32, g64, g128) nor a recipe "
-                    f"({', '.join(RECIPES)})"
+                    f"--quant {text!r}: {part!r} is neither a group size (g32, g64, g128), a recipe "
+                    f"({', '.join(RECIPES)}) nor a method (gptq)"
                 )
-        return cls(bits=int(name[3:]), group_size=group, int8_layers=keep)
+        return cls(bits=int(name[3:]), group_size=group, int8_layers=keep, method=method)
 
     @property
     def label(self) -> str:
@@ -80,6 +82,7 @@ class QuantScheme:
             f"int{self.bits}"
             + (f":g{self.group_size}" if self.group_size != 32 else "")
             + (f":{recipe}" if self.int8_layers else "")
+            + (":gptq" if self.method == "gptq" else "")
         )
 
     def to_config(self) -> dict:
