@@ -189,14 +189,20 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         window=args.window,
         stride=args.stride,
         batch_size=args.batch_size,
+        reference=args.reference,
     )
     result = main(cfg)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return
-    print(f"{'text':<20} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}")
+    versus = f" {'KL/token':>9} {'same top-1':>10}" if args.reference else ""
+    print(f"{'text':<20} {'tokens':>8} {'bytes':>8} {'perplexity':>11} {'bits/byte':>10}{versus}")
     for r in [*result["texts"], result["total"]]:
-        print(f"{r['name']:<20} {r['tokens']:>8} {r['bytes']:>8} {r['perplexity']:>11.3f} {r['bits_per_byte']:>10.4f}")
+        versus = f" {r['kl']:>9.5f} {r['same_top1']:>10.1%}" if args.reference else ""
+        print(
+            f"{r['name']:<20} {r['tokens']:>8} {r['bytes']:>8} {r['perplexity']:>11.3f} {r['bits_per_byte']:>10.4f}"
+            f"{versus}"
+        )
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -605,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="tokens per forward (default: min(1024, context))")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window/2)")
     p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: 2048 tokens' worth)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="also KL divergence from this model (e.g. the float one; same tokenizer) and top-1 agreement with it",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_perplexity)
 

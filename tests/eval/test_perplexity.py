@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_checkpoint, make_lineage, save_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.eval.perplexity import Score, evaluate, read_text, resolve_texts, sum_nll, text_ids, windows
+from lmforge.model import Transformer
 from tests.test_cli import assert_one_line_error, lmforge
 from tests.tiny import CORPUS, make_tiny_model, make_tiny_tokenizer
 
@@ -145,4 +147,31 @@ def test_cli(qwen_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_bytes(b"ok \xff")
     assert_one_line_error(
         lmforge("perplexity", "--model", str(qwen_dir), "--text", str(tmp_path / "bad.txt")), "bad.txt", "byte offset 3"
+    )
+
+
+def test_reference_adds_kl_divergence_and_top1_agreement(qwen_dir: Path, text_file: Path) -> None:
+    model, tok = load_checkpoint(qwen_dir)
+    itself = evaluate(model, tok, [text_file], window=64, progress=False, reference=model)["total"]
+    assert itself["kl"] == pytest.approx(0, abs=1e-6) and itself["same_top1"] == 1
+    other = make_tiny_model("qwen2-tiny", seed=1)
+    got = evaluate(model, tok, [text_file], window=256, progress=False, reference=other)["total"]
+    ids = torch.tensor([text_ids(tok, TEXT)[0]])  # one window holds the whole text: compare with one forward
+    with torch.no_grad():
+        mine, ref = (torch.log_softmax(m(ids)[0, :-1], -1) for m in (model, other))
+    assert got["kl"] == pytest.approx(float((ref.exp() * (ref - mine)).sum(-1).mean()), rel=1e-4)
+    assert got["same_top1"] == pytest.approx(float((ref.argmax(-1) == mine.argmax(-1)).double().mean()))
+    assert got["kl"] > 0.01 and got["same_top1"] < 1
+
+
+def test_cli_reference(qwen_dir: Path, tmp_path: Path) -> None:
+    proc = lmforge("perplexity", "--model", str(qwen_dir), "--reference", str(qwen_dir), "--window", "128")
+    assert proc.returncode == 0, proc.stderr
+    assert "same top-1" in proc.stdout and "100.0%" in proc.stdout.splitlines()[-1]
+    model = make_tiny_model("qwen2-tiny")
+    wider = Transformer(dataclasses.replace(model.cfg, vocab_size=model.cfg.vocab_size + 8))
+    save_checkpoint(tmp_path / "wider", wider.cfg, wider.state_dict(), make_tiny_tokenizer(), make_lineage("test"))
+    assert_one_line_error(
+        lmforge("perplexity", "--model", str(qwen_dir), "--reference", str(tmp_path / "wider")),
+        "needs the same tokenizer",
     )

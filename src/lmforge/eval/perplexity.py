@@ -11,6 +11,11 @@ file:
     perplexity    = exp(NLL / tokens)          NLL in nats, summed over the text's tokens
     bits per byte = NLL / ln 2 / UTF-8 bytes   comparable across tokenizers, unlike perplexity
 
+With a reference model (`--reference`, e.g. the float model beside its quantization) each scored position also
+gives KL(reference || model) over the whole next-token distribution and whether both models' top token agree.
+Unlike a perplexity difference, which a rounding can lower by luck on a small text, the KL divergence is never
+negative and grows with every change to the distribution (llama.cpp's perplexity tool reports the same pair).
+
 Texts shipped with lmforge are named (`heldout`, `heldout-en`, `heldout-zh`; see TEXTS). This module does not
 load models (loader.open_model does) and does not compare runs (eval.report does).
 """
@@ -21,15 +26,19 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.progress import track
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from lmforge.loader import Loaded
 
 # Named texts shipped in lmforge/datasets/, written for this project (see datasets/README.md).
 TEXTS: dict[str, tuple[str, ...]] = {
@@ -50,6 +59,7 @@ class PerplexityConfig:
     window: int | None = None  # None: min(DEFAULT_WINDOW, the model's context)
     stride: int | None = None  # None: window // 2
     batch_size: int | None = None  # windows per forward; None: TOKENS_PER_BATCH // window
+    reference: str | None = None  # a model to compare the distributions with (same tokenizer), loaded float
     progress: bool = True
 
 
@@ -59,6 +69,8 @@ class Score:
     tokens: int  # tokens scored
     bytes: int  # UTF-8 bytes those tokens cover
     nll: float  # summed negative log-likelihood, nats
+    kl: float | None = None  # summed KL(reference || model), nats, when scored against a reference
+    same_top1: int | None = None  # positions where the reference's most likely next token is the model's too
 
     @property
     def perplexity(self) -> float:
@@ -76,7 +88,7 @@ class Score:
             "nll": round(self.nll, 4),
             "perplexity": round(self.perplexity, 4),
             "bits_per_byte": round(self.bits_per_byte, 4),
-        }
+        } | ({} if self.kl is None else {"kl": self.kl / self.tokens, "same_top1": self.same_top1 / self.tokens})
 
 
 @dataclass(frozen=True)
@@ -131,27 +143,61 @@ def windows(n: int, window: int, stride: int) -> list[Window]:
         begin, scored_to = begin + stride, end
 
 
+@dataclass
+class Sums:
+    nll: float = 0.0
+    kl: float = 0.0
+    same_top1: int = 0
+
+
+def _batches(n: int, window: int, stride: int, batch_size: int) -> list[list[Window]]:
+    groups: dict[tuple[int, int], list[Window]] = {}  # same length and scored count: one batched forward
+    for w in windows(n, window, stride):
+        groups.setdefault((w.end - w.begin, w.end - w.first), []).append(w)
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 @torch.inference_mode()
+def score_ids(
+    model: Transformer,
+    ids: list[int],
+    window: int,
+    stride: int,
+    batch_size: int = 1,
+    reference: Transformer | None = None,
+    label: str = "",
+    progress: bool = True,
+) -> Sums:
+    """NLL (nats) of ids[1:] summed, each token predicted from up to `window` - 1 tokens before it; with a
+    reference, also the summed KL(reference || model) and the count of agreeing top-1 predictions."""
+    sums = Sums()
+    for batch in track(_batches(len(ids), window, stride, batch_size), label or "scoring", enabled=progress):
+        logits, targets = _scored_logits(model, ids, batch)  # (N, V), (N,)
+        sums.nll += F.cross_entropy(logits, targets, reduction="sum").item()
+        if reference is not None:
+            ref = torch.log_softmax(_scored_logits(reference, ids, batch)[0], -1)
+            mine = torch.log_softmax(logits, -1)
+            sums.kl += F.kl_div(mine, ref, reduction="sum", log_target=True).item()
+            sums.same_top1 += int((ref.argmax(-1) == mine.argmax(-1)).sum())
+    return sums
+
+
 def sum_nll(
     model: Transformer, ids: list[int], window: int, stride: int, batch_size: int = 1, label: str = "", progress=True
 ) -> float:
     """Summed NLL (nats) of ids[1:], each token predicted from up to `window` - 1 tokens before it."""
-    groups: dict[tuple[int, int], list[Window]] = {}  # same length and scored count: one batched forward
-    for w in windows(len(ids), window, stride):
-        groups.setdefault((w.end - w.begin, w.end - w.first), []).append(w)
-    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
-    return sum(_batch_nll(model, ids, batch) for batch in track(batches, label or "scoring", enabled=progress))
+    return score_ids(model, ids, window, stride, batch_size, label=label, progress=progress).nll
 
 
-def _batch_nll(model: Transformer, ids: list[int], batch: list[Window]) -> float:
+def _scored_logits(model: Transformer, ids: list[int], batch: list[Window]) -> tuple[Tensor, Tensor]:
+    """float32 logits (N, V) at the batch's scored positions, and the tokens they predict (N,)."""
     device = next(model.parameters()).device
     length, scored = batch[0].end - batch[0].begin, batch[0].end - batch[0].first
     x = torch.tensor([ids[w.begin : w.end] for w in batch], device=device)  # (B, L)
     # Logits at position p predict token p + 1; the scored tokens are each window's last `scored`.
     at = torch.arange(length - scored - 1, length - 1, device=device).expand(len(batch), scored)  # (B, S)
     logits = model(x, keep=at)  # (B, S, V)
-    targets = x[:, length - scored :]
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+    return logits.flatten(0, 1).float(), x[:, length - scored :].flatten()
 
 
 def text_ids(tokenizer: Tokenizer, text: str) -> tuple[list[int], int]:
@@ -176,16 +222,22 @@ def score_text(
     stride: int,
     batch_size: int,
     progress: bool = True,
+    reference: Transformer | None = None,
 ) -> Score:
     ids, n_bytes = text_ids(tokenizer, text)
     if len(ids) < 3:  # the boundary token and at least two of the text's own
         raise LmforgeError(f"{name}: the text is shorter than 2 tokens; perplexity needs more text")
-    nll = sum_nll(model, ids, window, stride, batch_size, f"scoring {name}", progress)
-    return Score(name, len(ids) - 1, n_bytes, nll)
+    sums = score_ids(model, ids, window, stride, batch_size, reference, f"scoring {name}", progress)
+    if reference is None:
+        return Score(name, len(ids) - 1, n_bytes, sums.nll)
+    return Score(name, len(ids) - 1, n_bytes, sums.nll, sums.kl, sums.same_top1)
 
 
 def total(scores: list[Score]) -> Score:
-    return Score("total", sum(s.tokens for s in scores), sum(s.bytes for s in scores), sum(s.nll for s in scores))
+    tokens, n_bytes, nll = (sum(getattr(s, f) for s in scores) for f in ("tokens", "bytes", "nll"))
+    if any(s.kl is None for s in scores):
+        return Score("total", tokens, n_bytes, nll)
+    return Score("total", tokens, n_bytes, nll, sum(s.kl for s in scores), sum(s.same_top1 for s in scores))
 
 
 def evaluate(
@@ -196,6 +248,7 @@ def evaluate(
     stride: int | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    reference: Transformer | None = None,
 ) -> dict[str, Any]:
     """Score each file; the result has one entry per file and their total (as JSON-ready dicts)."""
     context = model.cfg.max_seq_len
@@ -205,13 +258,32 @@ def evaluate(
     stride = stride or max(1, window // 2)
     batch_size = batch_size or max(1, TOKENS_PER_BATCH // window)
     texts = [(path, read_text(path)) for path in files]  # every file checked before the slow part
-    scores = [score_text(model, tokenizer, t, path.name, window, stride, batch_size, progress) for path, t in texts]
+    scores = [
+        score_text(model, tokenizer, t, path.name, window, stride, batch_size, progress, reference)
+        for path, t in texts
+    ]
     return {
         "window": window,
         "stride": stride,
         "texts": [s.to_dict() for s in scores],
         "total": total(scores).to_dict(),
     }
+
+
+def _check_same_tokens(model: Loaded, reference: Loaded, files: list[Path]) -> None:
+    """KL compares distributions position by position: both models must see the same token ids."""
+    if model.model.cfg.vocab_size != reference.model.cfg.vocab_size:
+        raise LmforgeError(
+            f"--reference {reference.directory} has a vocabulary of {reference.model.cfg.vocab_size} tokens, the "
+            f"model {model.model.cfg.vocab_size}; KL divergence needs the same tokenizer"
+        )
+    for path in files:
+        text = read_text(path)
+        if model.tokenizer.encode(text, add_bos=False) != reference.tokenizer.encode(text, add_bos=False):
+            raise LmforgeError(
+                f"{path}: --reference {reference.directory} tokenizes this text differently from the model; "
+                "KL divergence needs the same tokenizer"
+            )
 
 
 def main(cfg: PerplexityConfig) -> dict[str, Any]:
@@ -221,5 +293,19 @@ def main(cfg: PerplexityConfig) -> dict[str, Any]:
     for path in files:
         read_text(path)  # a bad file fails before the model loads
     loaded = open_model(cfg.model, cfg.quant, cfg.adapter)
-    result = evaluate(loaded.model, loaded.tokenizer, files, cfg.window, cfg.stride, cfg.batch_size, cfg.progress)
-    return {"model": str(loaded.directory), "quant": cfg.quant, "adapter": cfg.adapter, **result}
+    reference = None
+    if cfg.reference is not None:
+        reference = open_model(cfg.reference)
+        _check_same_tokens(loaded, reference, files)
+    result = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        files,
+        cfg.window,
+        cfg.stride,
+        cfg.batch_size,
+        cfg.progress,
+        None if reference is None else reference.model,
+    )
+    header = {"model": str(loaded.directory), "quant": cfg.quant, "adapter": cfg.adapter}
+    return header | ({} if reference is None else {"reference": str(reference.directory)}) | result
