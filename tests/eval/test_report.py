@@ -11,6 +11,8 @@ from lmforge.checkpoint import make_lineage, save_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.eval.report import write_report, write_run
 from lmforge.eval.tasks import parse_tasks
+from lmforge.quant.quantize import QuantizeConfig
+from lmforge.quant.quantize import main as quantize
 from tests.test_cli import assert_one_line_error, lmforge
 from tests.tiny import make_tiny_model, make_tiny_tokenizer
 
@@ -63,4 +65,8 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     assert results["settings"] == {"shots": 1, "cot": True, "samples": 1, "limit": 2}
     assert len((tmp_path / "out/tiny-fp32/predictions/arith.jsonl").read_text().splitlines()) == 2
     assert "tiny-fp32" in (tmp_path / "out/report.md").read_text()
+    quantize(QuantizeConfig(out=str(tmp_path / "q8"), model=str(directory), bits=8, progress=False))
+    q8 = ["eval", "--model", str(tmp_path / "q8"), "--tasks", "knowledge", "--limit", "2", "--out"]
+    assert lmforge(*q8, str(tmp_path / "out"), OMP_NUM_THREADS="1").returncode == 0
+    assert json.loads((tmp_path / "out/q8-int8/results.json").read_text())["quant"] == "int8"  # its own scheme
     assert_one_line_error(lmforge(*args, "--tasks", "mmlu:/no/such/dir"), "/no/such/dir")

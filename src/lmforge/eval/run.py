@@ -59,16 +59,19 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     from lmforge.engine import Engine
     from lmforge.eval.report import run_label, write_report, write_run
     from lmforge.loader import open_model
+    from lmforge.quant import scheme_of
 
     if cfg.shots < 0 or cfg.samples < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise LmforgeError("--shots must be >= 0, --samples >= 1 and --limit >= 1")
     tasks = parse_tasks(cfg.tasks)  # bad names and paths fail before the model loads
     loaded = open_model(cfg.model, cfg.quant, cfg.adapter)
-    label = run_label(cfg.model or loaded.directory.parent.name, cfg.quant, cfg.adapter)
+    scheme = scheme_of(loaded.model)  # from --quant or from a quantized checkpoint's own config
+    quant = None if scheme is None else scheme.label
+    label = run_label(cfg.model or loaded.directory.parent.name, quant, cfg.adapter)
     results: dict[str, Any] = {
         "label": label,
         "model": str(loaded.directory),
-        "quant": cfg.quant,
+        "quant": quant,
         "adapter": cfg.adapter,
         "command": shlex.join(sys.argv),
         "settings": {"shots": cfg.shots, "cot": cfg.cot, "samples": cfg.samples, "limit": cfg.limit},
