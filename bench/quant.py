@@ -4,15 +4,17 @@
 
 For each model the float reference is lmforge's float checkpoint (the catalog GGUF, dequantized). From it:
 - ours: fp32, INT8, INT4 (round-to-nearest on searched grids), INT4 mixed (q|k|v and down projections at INT8,
-  `--quant int4:mixed`) and INT4 GPTQ, made by `lmforge quantize`;
+  `--quant int4:mixed`), and both INT4 settings with GPTQ, made by `lmforge quantize`;
 - llama.cpp: the float weights exported to an f32 GGUF (`lmforge export`), then quantized by llama.cpp's own
   quantizer (`llama_model_quantize`) to Q8_0, Q4_K_M and Q4_1 (the same 5 bits per weight as our INT4); also the
   GGUF file the catalog ships, as its authors made it.
-Every setting runs in its own subprocess (so peak RSS is its own) and reports weight MB, decode and prefill tok/s
-and perplexity on the bilingual held-out text lmforge ships. Perplexity feeds both runtimes the same token ids in
-the same sliding windows (lmforge.eval.perplexity.windows). Note: llama.cpp's quantized products round the
-activations to 8 bits in every pass; ours do so only in decode steps (prefill/scoring expand the weights), so
-our perplexity measures weight rounding alone.
+Every setting runs in its own subprocess (so peak RSS is its own, taken after decoding and before scoring) and
+reports weight MB, decode and prefill tok/s and perplexity on the bilingual held-out text lmforge ships. Both
+runtimes score the same token ids in the same sliding windows (lmforge.eval.perplexity.windows), and every setting
+is compared with ours fp32 position by position: mean KL divergence, top-1 agreement and a paired 95% interval for
+the perplexity change (the fp32 child writes its log-probs, <work>/reference-logprobs.npy, for the others).
+Note: llama.cpp's quantized products round the activations to 8 bits in every pass; ours do so only in decode
+steps (prefill/scoring expand the weights), so our scores measure weight rounding alone.
 """
 
 from __future__ import annotations
@@ -320,7 +322,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--no-gptq", action="store_true", help="skip the GPTQ setting (its calibration takes minutes)")
+    ap.add_argument("--no-gptq", action="store_true", help="skip the GPTQ settings (calibration takes minutes)")
     ap.add_argument("--work", default=None, help="where quantized weights are kept (default: <cache>/bench-quant)")
     ap.add_argument("--target", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
