@@ -16,7 +16,7 @@ How this implementation does it:
 - q/k/v share one input and so one Hessian, as do gate/up: their weights are stacked by rows and rounded in one
   pass (rows are independent in GPTQ, so this is exact), which saves Cholesky factorizations and Python loops;
 - lazy batch updates over 128 columns; dampening of 1% of the mean Hessian diagonal; the upper Cholesky factor
-  of the inverse Hessian, computed in float64, gives the error propagation row by row;
+  of the inverse Hessian, computed in float32, gives the error propagation row by row;
 - group grids (pack.int4_grid_searched / int8_grid) are chosen when a group starts, from that group's current weights,
   i.e. after earlier columns' errors have been pushed onto them; the codes and fp16 grids are stored as is;
 - dead columns (inputs that are zero on the whole calibration text) keep their weights and are rounded to nearest
@@ -208,7 +208,11 @@ def _check(model: Transformer, scheme: QuantScheme, calib_ids: list[list[int]]) 
 
 
 def _hessians(block: nn.Module, xs: list[Tensor], rope: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-    """H = 2 X^T X / rows (K, K) float64 for each shared input, X being all calibration rows that reach it."""
+    """H = 2 X^T X / rows (K, K) float64 for each shared input, X being all calibration rows that reach it.
+
+    The float64 sum costs a quarter of Qwen2.5-0.5B's GPTQ time; summing in float32 in place gave the same KL to the
+    float model (0.0217 vs 0.0214) but moved held-out perplexity from +0.54% to +2.12%, as any equally good set of
+    rounding decisions can. It stays, so that the figures in README are what this code makes."""
     sums: dict[str, Tensor] = {}
 
     def accumulate(name: str):  # noqa: ANN202 - a forward hook
