@@ -103,15 +103,13 @@ def _score(windows_logprobs: Iterator[tuple[Tensor, Tensor]], reference: Path, w
 
 
 def _our_logprobs(model, texts: list[list[int]]) -> Iterator[tuple[Tensor, Tensor]]:  # noqa: ANN001
-    from lmforge.eval.perplexity import windows
+    from lmforge.eval.perplexity import scored_logits, windows
 
     for ids in texts:
         for w in windows(len(ids), WINDOW, STRIDE):
-            x = torch.tensor([ids[w.begin : w.end]])
-            at = torch.arange(w.first - w.begin - 1, w.end - w.begin - 1)[None]  # logits at p predict p + 1
             with torch.inference_mode():
-                logits = model(x, keep=at)[0].float()  # (S, V)
-            yield torch.log_softmax(logits, -1), torch.tensor(ids[w.first : w.end])
+                logits, targets = scored_logits(model, ids, [w])  # (S, V), (S,)
+            yield torch.log_softmax(logits, -1), targets
 
 
 def _llama_logprobs(llm, texts: list[list[int]]) -> Iterator[tuple[Tensor, Tensor]]:  # noqa: ANN001

@@ -172,10 +172,10 @@ def score_ids(
     reference, also the summed KL(reference || model) and the count of agreeing top-1 predictions."""
     sums = Sums()
     for batch in track(_batches(len(ids), window, stride, batch_size), label or "scoring", enabled=progress):
-        logits, targets = _scored_logits(model, ids, batch)  # (N, V), (N,)
+        logits, targets = scored_logits(model, ids, batch)  # (N, V), (N,)
         sums.nll += F.cross_entropy(logits, targets, reduction="sum").item()
         if reference is not None:
-            ref = torch.log_softmax(_scored_logits(reference, ids, batch)[0], -1)
+            ref = torch.log_softmax(scored_logits(reference, ids, batch)[0], -1)
             mine = torch.log_softmax(logits, -1)
             sums.kl += F.kl_div(mine, ref, reduction="sum", log_target=True).item()
             sums.same_top1 += int((ref.argmax(-1) == mine.argmax(-1)).sum())
@@ -189,7 +189,7 @@ def sum_nll(
     return score_ids(model, ids, window, stride, batch_size, label=label, progress=progress).nll
 
 
-def _scored_logits(model: Transformer, ids: list[int], batch: list[Window]) -> tuple[Tensor, Tensor]:
+def scored_logits(model: Transformer, ids: list[int], batch: list[Window]) -> tuple[Tensor, Tensor]:
     """float32 logits (N, V) at the batch's scored positions, and the tokens they predict (N,)."""
     device = next(model.parameters()).device
     length, scored = batch[0].end - batch[0].begin, batch[0].end - batch[0].first
@@ -228,16 +228,14 @@ def score_text(
     if len(ids) < 3:  # the boundary token and at least two of the text's own
         raise LmforgeError(f"{name}: the text is shorter than 2 tokens; perplexity needs more text")
     sums = score_ids(model, ids, window, stride, batch_size, reference, f"scoring {name}", progress)
-    if reference is None:
-        return Score(name, len(ids) - 1, n_bytes, sums.nll)
-    return Score(name, len(ids) - 1, n_bytes, sums.nll, sums.kl, sums.same_top1)
+    compared = reference is not None
+    return Score(name, len(ids) - 1, n_bytes, sums.nll, *((sums.kl, sums.same_top1) if compared else ()))
 
 
 def total(scores: list[Score]) -> Score:
-    tokens, n_bytes, nll = (sum(getattr(s, f) for s in scores) for f in ("tokens", "bytes", "nll"))
-    if any(s.kl is None for s in scores):
-        return Score("total", tokens, n_bytes, nll)
-    return Score("total", tokens, n_bytes, nll, sum(s.kl for s in scores), sum(s.same_top1 for s in scores))
+    compared = all(s.kl is not None for s in scores)
+    fields = ("tokens", "bytes", "nll", *(("kl", "same_top1") if compared else ()))
+    return Score("total", *(sum(getattr(s, f) for s in scores) for f in fields))
 
 
 def evaluate(
