@@ -18,8 +18,9 @@ $(VENV)/.test: $(VENV)/.base
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $@
 
+# --quant auto: also the quantized copy chat and serve run by default (int8 on a CPU), so the first chat starts at once
 setup: $(VENV)/.base
-	$(VENV)/bin/lmforge pull $(MODEL)
+	$(VENV)/bin/lmforge pull $(MODEL) --quant auto
 
 chat: setup
 	$(VENV)/bin/lmforge chat --model $(MODEL)

@@ -329,7 +329,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.target:
         return child(args)
-    from lmforge.catalog import cache_dir
+    from lmforge.paths import cache_dir
 
     print(f"threads {torch.get_num_threads()}; perplexity windows {WINDOW}/{STRIDE} on lmforge's held-out text")
     for name in args.models.split(","):

@@ -65,12 +65,12 @@ def token_rows(directory: Path, seq: int, rows: int) -> dict[str, torch.Tensor]:
 
 def _ours(directory: Path, method: str) -> tuple[torch.nn.Module, object]:
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.train.sft import SFTConfig, _prepare_model
+    from lmforge.train.sft import SFTConfig, prepare_model
 
     model, _ = load_checkpoint(directory)
     cfg = SFTConfig(data=[], out="", method=method, lora_rank=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT,
                     progress=False)
-    _prepare_model(cfg, model)
+    prepare_model(cfg, model)
     from lmforge.train.loop import accumulate
 
     return model, lambda batch: accumulate(model, [batch], torch.device("cpu"))

@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from lmforge import catalog
-from lmforge.catalog import CATALOG, CatalogEntry, assemble_from_wheels, cache_dir, list_models, pull, resolve_model
-from lmforge.checkpoint import load_checkpoint
+from lmforge.catalog import CATALOG, CatalogEntry, assemble_from_wheels, list_models, pull, resolve_model
+from lmforge.checkpoint import load_checkpoint, read_quantization
+from lmforge.cli import main
 from lmforge.errors import LmforgeError
+from lmforge.loader import default_quant, quantized
 
 
 def make_wheel(directory: Path, project: str, version: str, files: dict[str, bytes]) -> Path:
@@ -124,17 +126,6 @@ def offline_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return index
 
 
-def test_cache_dir_honours_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("LMFORGE_CACHE", raising=False)
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache_dir() == tmp_path / "home" / ".cache" / "lmforge"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "lmforge"
-    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "mine"))
-    assert cache_dir() == tmp_path / "mine"
-
-
 def test_catalog_data() -> None:
     assert catalog.DEFAULT_MODEL in CATALOG
     for entry in CATALOG.values():
@@ -219,6 +210,17 @@ def test_pull_end_to_end(cache: Path, offline_pip: Path, monkeypatch: pytest.Mon
     rows = {r["name"]: r for r in list_models()}
     assert rows["tiny"]["cached"] and rows["tiny"]["disk_bytes"] > entry.size
     assert not rows["smollm2-135m-instruct"]["cached"] and rows["smollm2-135m-instruct"]["path"] is None
+
+
+def test_pull_quant_auto_makes_the_copy_chat_runs(
+    cache: Path, offline_pip: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tiny_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setitem(CATALOG, "tiny", split_entry(offline_pip, (tmp_path / "tiny.gguf").read_bytes(), name="tiny"))
+    assert main(["pull", "tiny", "--quant", "auto"]) == 0  # what `make setup` runs
+    checkpoint, copy = map(Path, capsys.readouterr().out.split())
+    assert checkpoint == cache / "tiny" / "checkpoint" and read_quantization(copy).label == "int8"
+    assert quantized(checkpoint, default_quant(checkpoint)[0]) == copy  # chat's first start finds it made
 
 
 def test_gguf_file_converted_once_into_cache(cache: Path, tmp_path: Path) -> None:

@@ -62,14 +62,27 @@ def test_generate_chat_template_is_applied(tiny_dir: Path) -> None:
     assert json.loads(chat.stdout)["prompt_tokens"] > json.loads(plain.stdout)["prompt_tokens"]
 
 
-def test_chat_session_through_a_pipe(tiny_dir: Path) -> None:
+def test_chat_session_through_a_pipe(tiny_dir: Path, tmp_path: Path) -> None:
     script = "你好\n/system Answer briefly.\nhello again\n/reset\n/bogus\nthird\n/exit\n"
-    proc = lmforge("chat", "--model", str(tiny_dir), "--max-new-tokens", "5", stdin=script)
+    proc = lmforge("chat", "--model", str(tiny_dir), "--max-new-tokens", "5", stdin=script, cache=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(re.findall(r"\d+ tokens · [\d.]+ tok/s", proc.stdout)) == 3  # one stats line per answer
     assert "system prompt set" in proc.stdout
     assert "conversation cleared" in proc.stdout
     assert "unknown command /bogus" in proc.stdout
+
+
+def test_chat_runs_int8_on_a_cpu_says_so_and_shows_the_first_quantization(tiny_dir: Path, tmp_path: Path) -> None:
+    args = ("chat", "--model", str(tiny_dir), "--max-new-tokens", "3")
+    first = lmforge(*args, stdin="hi\n/exit\n", cache=tmp_path, TTY_COMPATIBLE="1")  # stderr drawn as a terminal
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.startswith("lmforge: int8 weights") and "--quant none" in first.stderr.splitlines()[0]
+    assert re.search(r"quantizing to int8 .*(?<!\d)(\d+)/\1(?!\d)", first.stderr)  # the bar, run to its end
+    again = lmforge(*args, stdin="hi\n/exit\n", cache=tmp_path)
+    assert again.stderr.splitlines() == [first.stderr.splitlines()[0]]  # made once: no second quantization
+    plain = lmforge(*args, "--quant", "none", stdin="hi\n/exit\n", cache=tmp_path)
+    assert plain.returncode == 0 and plain.stderr == ""
+    assert len(list((tmp_path / "quantized").iterdir())) == 1
 
 
 def test_unknown_model_name(tmp_path: Path) -> None:
@@ -119,9 +132,10 @@ def test_generation_falls_back_when_native_kernels_cannot_build(tiny_dir: Path, 
     assert json.loads(fallback.stdout)["text"] == json.loads(native.stdout)["text"]
 
 
-def test_chat_survives_a_message_over_the_context(tiny_dir: Path) -> None:
+def test_chat_survives_a_message_over_the_context(tiny_dir: Path, tmp_path: Path) -> None:
     script = "你好 hello " * 60 + "\nhi\n/exit\n"
-    proc = lmforge("chat", "--model", str(tiny_dir), "--max-new-tokens", "4", "--max-context", "64", stdin=script)
+    proc = lmforge("chat", "--model", str(tiny_dir), "--max-new-tokens", "4", "--max-context", "64", stdin=script,
+                   cache=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "context is 64" in proc.stdout
     assert len(re.findall(r"\d+ tokens · [\d.]+ tok/s", proc.stdout)) == 1  # the short message is still answered

@@ -50,6 +50,31 @@ def test_batched_equals_one_by_one(tiny_model: Transformer, tiny_tokenizer: Toke
         assert result.stats.finish_reason == "length"
 
 
+def test_one_prompt_n_times_is_prefilled_once_with_the_same_output(
+    tiny_model: Transformer, tiny_tokenizer: Tokenizer
+) -> None:
+    engine = engine_for(tiny_model, tiny_tokenizer)
+    ids = tiny_tokenizer.encode(PROMPTS[2])
+    ran: list[int] = []  # tokens in each forward call
+    engine.model.register_forward_pre_hook(lambda _, args: ran.append(args[0].numel()))
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.9, seed=3, ignore_eos=True)
+    runs = {}
+    for name, params in (("greedy", greedy), ("sampled", sampled)):
+        for share in (True, False):
+            ran.clear()
+            runs[name, share] = engine.generate([ids] * 4, params, share_prompt=share)
+            assert ran[0] == (1 if share else 4) * len(ids)  # the prefill forward
+            cached = [c.stats.cached_tokens for c in runs[name, share]]
+            assert cached == ([0] + [len(ids)] * 3 if share else [0] * 4)
+        shared, separate = runs[name, True], runs[name, False]
+        assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
+        assert [c.text for c in shared] == [c.text for c in separate]
+    reference = greedy_by_recomputation(tiny_model, ids, 12)  # every copied row decodes as the prefilled one
+    assert all(c.token_ids == reference for c in runs["greedy", True])
+    assert len({tuple(c.token_ids) for c in runs["sampled", True]}) > 1  # the rows really sample apart
+
+
 def test_streamed_text_equals_final_text(tiny_model: Transformer, tiny_tokenizer: Tokenizer) -> None:
     engine = engine_for(tiny_model, tiny_tokenizer)
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)

@@ -106,6 +106,20 @@ def test_kernel_matches_float_product_of_the_same_weights(bits: int, rows: int) 
     assert torch.equal(kernels.dequantize(p.qweight, p.scales, p.mins, bits, 64), pack.dequantize(p, bits, 64))
 
 
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 128])
+def test_a_row_decodes_to_the_same_bits_alone_or_in_a_batch(bits: int, group: int) -> None:
+    """What the server's batch invariance rests on: a quantized model's greedy reply must not depend on load."""
+    w, bias = _weight(n=40, k=896), torch.randn(40)
+    layer = QuantLinear.from_packed(pack.quantize_rtn(w, bits, group), bias, bits, group)
+    x = torch.randn(kernels.MAX_ROWS, 896)
+    with torch.no_grad():
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+        for rows in range(2, len(x) + 1):
+            assert torch.equal(layer(x[:rows]), alone[:rows]), f"{rows} rows"
+
+
 def test_backward_reaches_the_input_only() -> None:
     w = _weight()
     layer = QuantLinear.from_packed(pack.quantize_rtn(w, 4, 32), None, 4, 32)

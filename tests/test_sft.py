@@ -135,6 +135,17 @@ def run_cli(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lmforge.cli", *args], env=env, stderr=subprocess.PIPE)
 
 
+def kill_once_saved(process: subprocess.Popen, out: Path, step: int) -> subprocess.Popen:
+    """SIGKILL a training run as soon as its checkpoint of `step` exists (a kill mid-run, state on disk)."""
+    checkpoint = out / "checkpoints" / f"step-{step:08d}"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process
+
+
 def curve(out: Path) -> list[tuple]:
     """Everything the log says about the run except timings."""
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -146,13 +157,7 @@ def test_sigkill_then_resume_continues_the_same_run_bit_for_bit(base: Path, tmp_
     args = ["--max-steps", "16", "--save-every", "4", "--eval-every", "8", "--lora-dropout", "0.2", "--lr", "5e-3"]
     reference = run_cli(sft_args(base, tmp_path / "ref", *args))
 
-    killed = run_cli(sft_args(base, tmp_path / "killed", *args))
-    first_checkpoint = tmp_path / "killed" / "checkpoints" / "step-00000004"
-    deadline = time.time() + 120
-    while not first_checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    killed = kill_once_saved(run_cli(sft_args(base, tmp_path / "killed", *args)), tmp_path / "killed", step=4)
     assert reference.wait() == 0, reference.stderr.read().decode()
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "adapter_config.json").exists()
 

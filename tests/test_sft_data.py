@@ -137,8 +137,8 @@ def test_builtin_sets_fill_the_identity(tiny_tokenizer: Tokenizer) -> None:
 
 def test_step_batches_depend_only_on_the_step(tiny_tokenizer: Tokenizer) -> None:
     examples = [sft_data.Example([1, 2, 3 + i], [False, True, True]) for i in range(10)]
-    forward = sft_data.StepBatches(examples, batch_size=3, grad_accum=2, seed=5, pad_id=0)
-    backward = sft_data.StepBatches(examples, batch_size=3, grad_accum=2, seed=5, pad_id=0)
+    forward = sft_data.StepBatches(examples, 3, 2, 5, lambda ex: sft_data.collate(ex, 0))
+    backward = sft_data.StepBatches(examples, 3, 2, 5, lambda ex: sft_data.collate(ex, 0))
     seen = {s: forward(s) for s in range(6)}
     for s in reversed(range(6)):
         assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(seen[s], backward(s), strict=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -45,3 +47,15 @@ def make_tiny_model(preset: str = "llama-tiny", seed: int = 0) -> Transformer:
     model = Transformer(PRESETS[preset])
     model.init_weights(std=0.2)  # large enough that logits differ clearly between tokens
     return model.eval()
+
+
+def write_tiny_reward_model(directory: Path, seed: int = 1, vocab_size: int = 384) -> Path:
+    """An untrained reward model (random score head, large enough that replies score apart), saved as `rm train`
+    saves one. Its tokenizer is smaller than the policy's tiny one, so the two tokenize differently."""
+    from lmforge.align.reward import add_score_head
+    from lmforge.checkpoint import make_lineage, save_checkpoint
+
+    tok = make_tiny_tokenizer(vocab_size)
+    model = add_score_head(make_tiny_model("llama-tiny", seed), tok, std=1.0)
+    save_checkpoint(directory, model.cfg, model.state_dict(), tok, make_lineage("tiny test reward model"))
+    return directory

@@ -30,6 +30,7 @@ from pathlib import Path
 from lmforge.checkpoint import convert, disk_size, is_checkpoint, make_lineage, read_lineage
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path
+from lmforge.paths import cache_dir
 from lmforge.progress import byte_progress
 
 
@@ -72,14 +73,6 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 STALE_SECONDS = 3600  # temporaries older than this belong to a killed run, not to one still in progress
-
-
-def cache_dir() -> Path:
-    if os.environ.get("LMFORGE_CACHE"):
-        return Path(os.environ["LMFORGE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lmforge"
-    return Path.home() / ".cache" / "lmforge"
 
 
 def entry_dir(name: str) -> Path:

@@ -4,14 +4,18 @@ The conversation is a list of OpenAI-style messages rendered with the model's ow
 re-uses the cached prefix, so each turn only prefills the new message. Commands: /reset, /system TEXT, /exit.
 On a terminal, input is read with prompt_toolkit (line editing that handles CJK widths) and replies are rendered
 as markdown while they stream; piped input and output stay plain text so that scripts can drive it.
+With a reward scorer (`--best-of N --reward RM_DIR`) each reply is the best of N sampled together (align/bestof.py):
+nothing streams, the chosen reply is printed whole and kept in the history.
 This module does not load models or sample tokens itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -20,6 +24,9 @@ from rich.markdown import Markdown
 from lmforge.engine import Engine, Stats
 from lmforge.errors import LmforgeError
 from lmforge.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from lmforge.align.reward import RewardScorer
 
 HELP = "Commands: /reset (new conversation), /system TEXT (set the system prompt), /exit. 命令：/reset /system /exit"
 
@@ -42,7 +49,10 @@ def _plain_input(prompt: str) -> str:
     return line.rstrip("\n")
 
 
-def run_chat(engine: Engine, params: SamplingParams, system: str | None, model_name: str) -> None:
+def run_chat(
+    engine: Engine, params: SamplingParams, system: str | None, model_name: str,
+    scorer: RewardScorer | None = None, best_of: int = 1,
+) -> None:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     console = Console(highlight=False)
     read = _reader(interactive)
@@ -74,7 +84,10 @@ def run_chat(engine: Engine, params: SamplingParams, system: str | None, model_n
             console.print(f"[dim]unknown command {line.split()[0]}. {HELP}[/dim]")
             continue
         messages.append({"role": "user", "content": line})
-        reply = _answer(engine, messages, params, console, interactive)
+        if scorer is None:
+            reply = _answer(engine, messages, params, console, interactive)
+        else:
+            reply = _answer_best(engine, scorer, best_of, messages, params, console, interactive)
         if reply is None:
             messages.pop()
         else:
@@ -140,3 +153,30 @@ def _answer(
         f"prompt {stats.prompt_tokens - stats.cached_tokens} new tokens at {stats.prefill_tps:.0f} tok/s[/dim]"
     )
     return text or None
+
+
+def _answer_best(
+    engine: Engine, scorer: RewardScorer, n: int, messages: list[dict[str, str]], params: SamplingParams,
+    console: Console, interactive: bool,
+) -> str | None:
+    """The best of n sampled replies, printed whole; None if the turn failed or was interrupted."""
+    from lmforge.align.bestof import best_of
+
+    try:
+        with console.status(f"sampling {n} replies…") if interactive else contextlib.nullcontext():
+            result = best_of(engine, scorer, messages, n, params)
+    except KeyboardInterrupt:
+        console.print("\n[dim](interrupted)[/dim]")
+        return None
+    except LmforgeError as e:
+        console.print(f"\n[red]{e}[/red]")
+        return None
+    if interactive:
+        console.print(Markdown(result.text))
+    else:
+        sys.stdout.write(result.text)
+        sys.stdout.flush()
+    scores = " ".join(f"{c.score:.2f}" for c in result.candidates)
+    tokens = sum(c.tokens for c in result.candidates)
+    console.print(f"\n[dim]best of {n} (#{result.best + 1}) · scores {scores} · {tokens} tokens in all[/dim]")
+    return result.text or None

@@ -95,7 +95,7 @@ def sha256_with_progress(path: Path, label: str = "hashing", progress: bool = Tr
 
 
 def _hf_key(name: str) -> str:
-    return name if name.startswith("lm_head.") else f"model.{name}"
+    return name if name.startswith(("lm_head.", "score.")) else f"model.{name}"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -11,9 +11,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lmforge import cli_train
+from lmforge import cli_align, cli_train
 from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    from lmforge.align.reward import RewardScorer
+    from lmforge.engine import Engine
+    from lmforge.sampling import SamplingParams
 
 MODEL_HELP = "catalog name, .gguf file or checkpoint directory (default: the catalog default)"
 
@@ -44,11 +50,36 @@ def _sampling(args: argparse.Namespace):  # noqa: ANN202 - imported lazily
     )
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    """--model, --quant and --adapter: the flags every command that runs a model shares (see loader.open_model)."""
+def _add_best_of(p: argparse.ArgumentParser, raw_prompt: bool = False) -> None:
+    g = p.add_argument_group("best-of-n (give both)")
+    wrapped = "; without --chat the reward model sees the prompt as one user message" if raw_prompt else ""
+    g.add_argument("--best-of", type=int, default=None, metavar="N",
+                   help=f"sample N replies together, keep the one --reward scores highest (temperature > 0){wrapped}")
+    g.add_argument("--reward", default=None, metavar="RM_DIR", help="the reward model directory (`lmforge rm train`)")
+
+
+def _scorer(args: argparse.Namespace, params: SamplingParams) -> RewardScorer | None:
+    """The reward scorer for --best-of, or None; flag mistakes fail before any model loads."""
+    from lmforge.align.bestof import check_best_of
+
+    if (args.best_of is None) != (args.reward is None):
+        raise LmforgeError("--best-of N and --reward RM_DIR go together: give both, or neither")
+    if args.best_of is None:
+        return None
+    check_best_of(args.best_of, params.temperature)
+    from lmforge.align.reward import RewardScorer
+
+    return RewardScorer(args.reward)
+
+
+def _add_model(p: argparse.ArgumentParser, quant: str | None = None) -> None:
+    """--model, --quant and --adapter: the flags every command that runs a model shares (see loader.open_model).
+
+    quant: the --quant default; chat and serve take "auto" (int8 on a CPU, see loader.default_quant)."""
     p.add_argument("--model", default=None, help=MODEL_HELP)
-    quants = "int8 or int4, e.g. int4:g64, int4:mixed, int4:gptq"
-    p.add_argument("--quant", default=None, help=f"quantize on load (once, then cached): {quants}")
+    quants = "int8 or int4, e.g. int4:g64, int4:mixed, int4:gptq; none: float"
+    default = "; default auto: int8 on a CPU unless the model or --adapter needs otherwise" if quant else ""
+    p.add_argument("--quant", default=quant, help=f"quantize on load (once, then cached): {quants}{default}")
     p.add_argument("--adapter", default=None, help="a LoRA / P-Tuning v2 adapter directory to apply on top")
 
 
@@ -64,23 +95,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.chat import run_chat
 
     params = _sampling(args)  # bad flags fail before the model loads
+    scorer = _scorer(args, params)
     engine, directory = _engine(args)
-    run_chat(engine, params, args.system, args.model or directory.parent.name)
+    run_chat(engine, params, args.system, args.model or directory.parent.name, scorer, args.best_of or 1)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.engine import Stats
 
     params = _sampling(args)
+    scorer = _scorer(args, params)
     engine, _ = _engine(args)
     tok = engine.tokenizer
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    messages = [{"role": "user", "content": prompt}]  # without --chat: for the reward model only
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}
-        ]
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + messages
         prompt = tok.render_chat(messages, add_generation_prompt=True)
     ids = tok.encode(prompt)
+    if scorer is not None:
+        _generate_best_of(args, engine, scorer, messages, ids, params)
+        return
     stats = Stats()
     pieces = []
     for piece in engine.stream(ids, params, stats):
@@ -102,11 +137,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print()
 
 
+def _generate_best_of(args: argparse.Namespace, engine: Engine, scorer: RewardScorer, messages: list[dict],
+                      ids: list[int], params: SamplingParams) -> None:
+    from lmforge.align.bestof import best_of
+
+    result = best_of(engine, scorer, messages, args.best_of, params, prompt_ids=ids)
+    if args.json:
+        print(json.dumps({**result.to_json(), "prompt_tokens": len(ids)}, ensure_ascii=False))
+    else:
+        print(result.text)
+
+
 def cmd_pull(args: argparse.Namespace) -> None:
     from lmforge.catalog import pull
+    from lmforge.loader import AUTO, default_quant, quantized
 
     for name in args.names:
-        print(pull(name))
+        directory = pull(name)
+        print(directory)
+        quant = default_quant(directory)[0] if args.quant == AUTO else args.quant
+        if quant:  # made now, so that the first chat does not wait for it
+            print(quantized(directory, quant))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -247,6 +298,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         max_context=args.max_context,
         model_id=args.model_id,
+        reward=args.reward,
+        best_of=args.best_of or 1,
     )
     main(cfg)
 
@@ -301,14 +354,36 @@ def _add_judge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_judge)
 
 
+def cmd_speedrun(args: argparse.Namespace) -> None:
+    """speedrun.py writes the stages' command lines; they run here, through `main`, as a user's would."""
+    from lmforge import speedrun
+
+    out, log = Path(args.out), []
+    for argv in speedrun.commands(args.preset, out, progress=not args.no_progress):
+        command = "lmforge " + " ".join(argv)
+        with speedrun.timed(command, log):
+            if main(argv) != 0:
+                raise LmforgeError(f"speedrun stopped at `{command}` (its error is printed above)")
+    print(f"report: {speedrun.finish(args.preset, out, log)}")
+
+
+def _add_speedrun(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("speedrun", help="corpus -> tokenizer -> pretrain -> SFT -> samples and a report, one command")
+    p.add_argument("--preset", choices=("ci-micro", "cpu-tiny", "gpu-small"), default="cpu-tiny")
+    p.add_argument("--out", required=True, help="a new directory for every stage's output and REPORT.md")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_speedrun)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="From corpus to chat, bilingual by design.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
-    _add_model(p)
+    _add_model(p, quant="auto")
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p, temperature=0.7, top_p=0.9)
+    _add_best_of(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="complete one prompt")
@@ -316,12 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system prompt (with --chat)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with text, counts and speeds")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with text, counts and speeds (with --best-of: every candidate, scored)")
     _add_sampling(p, temperature=0.0, top_p=1.0)
+    _add_best_of(p, raw_prompt=True)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pull", help="fetch catalog models into the cache")
     p.add_argument("names", nargs="+")
+    p.add_argument("--quant", default=None,
+                   help="also make this quantized copy (auto: the one chat and serve use by default)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("models", help="list catalog models and what is cached")
@@ -373,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API and a web chat page")
-    _add_model(p)
+    _add_model(p, quant="auto")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed off loopback)")
@@ -381,10 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default %(default)s)")
     p.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: model's, <= 4096)")
     p.add_argument("--model-id", default=None, help="the model name clients send (default: from --model)")
+    g = p.add_argument_group("best-of-n")
+    g.add_argument("--reward", default=None, metavar="RM_DIR",
+                   help="a reward model (`lmforge rm train`): requests may then send best_of > 1")
+    g.add_argument("--best-of", type=int, default=None, metavar="N", help="candidates for sampled, non-streaming "
+                   "requests that send no best_of (needs --reward; default 1: off)")
     p.set_defaults(func=cmd_serve)
     _add_quantize(sub)
     _add_judge(sub)
     cli_train.add_commands(sub, MODEL_HELP)
+    cli_align.add_commands(sub)
+    _add_speedrun(sub)
     return parser
 
 

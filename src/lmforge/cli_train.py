@@ -1,7 +1,7 @@
-"""The training side of the `lmforge` command: data, tokenizer, pretrain (plan, reproduce, speedrun), sft, merge.
+"""The training side of the `lmforge` command: data, tokenizer, pretrain (plan, reproduce), sft, merge.
 
-cli.py builds the parser and runs the commands; this file adds these subcommands to it, mapping their flags onto
-each stage's dataclass the same way.
+cli.py builds the parser and runs the commands (speedrun too: it runs other commands); this file adds these
+subcommands to it, mapping their flags onto each stage's dataclass the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def add_commands(sub: argparse._SubParsersAction, model_help: str) -> None:
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from lmforge.train.sft import SFTConfig, main, report
+    from lmforge.train.rundir import report
+    from lmforge.train.sft import SFTConfig, main
 
     report(main(_config(SFTConfig, args)))
 
@@ -89,7 +90,7 @@ def _add_sft(sub: argparse._SubParsersAction, model_help: str) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from lmforge.train.pretrain import main
     from lmforge.train.pretrain_config import PretrainConfig, load_config_file
-    from lmforge.train.sft import report
+    from lmforge.train.rundir import report
 
     names = {f.name for f in dataclasses.fields(PretrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -111,15 +112,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from lmforge.train.pretrain import reproduce
-    from lmforge.train.sft import report
+    from lmforge.train.rundir import report
 
     report(reproduce(Path(args.checkpoint), args.out))
-
-
-def cmd_speedrun(args: argparse.Namespace) -> None:
-    from lmforge.speedrun import speedrun
-
-    print(f"report: {speedrun(args.preset, Path(args.out), progress=not args.no_progress)}")
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -156,12 +151,6 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (e.g. RUN/model)")
     p.add_argument("--out", required=True, help="new output directory for the re-run")
     p.set_defaults(func=cmd_reproduce)
-
-    p = sub.add_parser("speedrun", help="corpus -> tokenizer -> pretrain -> SFT -> samples and a report, one command")
-    p.add_argument("--preset", choices=("ci-micro", "cpu-tiny", "gpu-small"), default="cpu-tiny")
-    p.add_argument("--out", required=True, help="a new directory for every stage's output and REPORT.md")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_speedrun)
 
 
 def _config(cls: type, args: argparse.Namespace):  # noqa: ANN202 - any stage dataclass
@@ -203,7 +192,8 @@ def _langs(text: str) -> list[str]:
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="the pretraining corpus pipeline: synth, clean, dedup, tokenize, stats")
+    data = sub.add_parser("data", help="the pretraining corpus pipeline (synth, clean, dedup, tokenize, stats) "
+                          "and preference pairs (prefs)")
     stages = data.add_subparsers(dest="data_command", required=True)
     inputs_help = "folders or .txt/.jsonl/.json/.parquet files (a `text` field per record)"
 
@@ -260,6 +250,46 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         if name in ("clean", "dedup"):
             p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
         p.set_defaults(func=cmd_data)
+    _add_data_prefs(stages)
+
+
+def cmd_data_prefs(args: argparse.Namespace) -> None:
+    from lmforge.align.prefgen import PrefsConfig, main, summary_line
+
+    print(summary_line(main(_config(PrefsConfig, args))))
+
+
+def _add_data_prefs(stages: argparse._SubParsersAction) -> None:
+    p = stages.add_parser("prefs", help="preference pairs: sample K replies per prompt, keep the best and the worst")
+    p.add_argument("--prompts", required=True,
+                   help="JSONL/JSON (prompt, messages, or instruction+input per record), .txt (one per line) "
+                   "or builtin:instructions")
+    p.add_argument("--model", default=None, help="the policy that answers (catalog name, .gguf or directory)")
+    p.add_argument("--quant", default=None, help="the policy's --quant")
+    p.add_argument("--adapter", default=None, help="the policy's --adapter")
+    p.add_argument("--k", type=int, default=None, help="replies sampled per prompt (default 4)")
+    p.add_argument("--out", required=True, help="the JSONL file pairs are appended to")
+    g = p.add_argument_group("ranker (exactly one)")
+    g.add_argument("--reward", default=None, help="a reward model directory (from `lmforge rm train`)")
+    g.add_argument("--judge-url", default=None, help="an OpenAI-compatible judge's base URL (both orders judged)")
+    g.add_argument("--judge-model", default=None, help="the model name to send to --judge-url")
+    g.add_argument("--judge-key", default=None, help="API key for --judge-url")
+    g.add_argument("--judge-local", default=None, help="a local model (catalog name, .gguf or directory) as judge")
+    g.add_argument("--judge-max-tokens", type=int, default=None, help="tokens per judge reply (default 512)")
+    g.add_argument("--reward-fn", default=None,
+                   help="FILE.py:FUNCTION, called as fn(prompts, completions, **columns) -> list[float]")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=None, help="default 0.8")
+    g.add_argument("--top-p", type=float, default=None, help="default 1.0")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default 256")
+    g.add_argument("--seed", type=int, default=None, help="prompt i samples with seed + i (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--keep-candidates", action="store_true", default=None,
+                   help="write every ranked reply into each record's provenance")
+    p.add_argument("--resume", action="store_true", default=None, help="skip prompts --out already holds")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace what --out holds")
+    p.add_argument("--bad-records", choices=("stop", "skip"), default=None)
+    p.set_defaults(func=cmd_data_prefs)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:

@@ -33,6 +33,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # 0: a language model (lm_head over the vocabulary). 1: a reward model, a scalar `score` head in lm_head's place
+    # (HF's *ForSequenceClassification, num_labels=1), read at the last real token of each sequence.
+    num_labels: int = 0
+    pad_token_id: int | None = None  # what HF's sequence classifier skips when it looks for the last real token
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -94,8 +98,9 @@ def hf_model_type(cfg: ModelConfig) -> str:
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     model_type = hf_model_type(cfg)
     eos: int | list[int] | None = cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else (cfg.eos_token_ids or None)
+    family = "Qwen2" if model_type == "qwen2" else "Llama"
     d: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [f"{family}ForSequenceClassification" if cfg.num_labels else f"{family}ForCausalLM"],
         "model_type": model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -114,6 +119,11 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "eos_token_id": eos,
         "torch_dtype": "float32",
     }
+    if cfg.pad_token_id is not None:
+        d["pad_token_id"] = cfg.pad_token_id
+    if cfg.num_labels:
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
     if model_type == "llama":
         d["attention_bias"] = False
         d["mlp_bias"] = False
@@ -133,6 +143,7 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     if model_type == "llama" and d.get("attention_bias"):
         raise LmforgeError(f"{source}: Llama attention_bias (bias on the output projection) is not supported")
     eos = d.get("eos_token_id")
+    classifier = any(a.endswith("ForSequenceClassification") for a in d.get("architectures") or [])
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     # Newer transformers nest rope settings under rope_parameters; older ones use rope_theta + rope_scaling.
     rope = d.get("rope_parameters") or {}
@@ -155,4 +166,6 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        num_labels=len(d.get("id2label") or {"0": ""}) if classifier else 0,
+        pad_token_id=d.get("pad_token_id"),
     )

@@ -3,7 +3,8 @@
 - `Engine.stream` runs one conversation: it keeps that conversation's cache between calls and re-uses the longest
   common token prefix, so a chat turn only prefills the new message.
 - `Engine.generate` runs a batch of prompts of different lengths together; each row sits at its own positions
-  in one shared cache (see `model.Positions`), so no row is padded and rows never see each other.
+  in one shared cache (see `model.Positions`), so no row is padded and rows never see each other. N copies of one
+  prompt (best-of-n sampling) are prefilled once, in row 0, and its keys/values copied into the other rows.
 The decode step keeps shapes static apart from the attended cache length. Text comes out through
 `TextStream`, which never emits a broken UTF-8 character or any part of a stop string.
 This module does not load models, render chat templates or schedule requests from many clients.
@@ -21,7 +22,7 @@ from torch import Tensor
 from lmforge.errors import LmforgeError
 from lmforge.fastpath import prepare_for_decode
 from lmforge.model import KVCache, Positions, Transformer
-from lmforge.sampling import SamplingParams, sample
+from lmforge.sampling import SamplingParams, sample, seeded_generator
 from lmforge.tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory on long prompts
@@ -169,7 +170,7 @@ class Engine:
         keep = _common_prefix(self._cached_ids, prompt_ids[:-1])
         self._cached_ids = list(prompt_ids[:keep])
         stats.prompt_tokens, stats.cached_tokens = len(prompt_ids), keep
-        generator = _generator(params.seed, self.param.device)
+        generator = seeded_generator(params.seed, self.param.device)
         text = TextStream(self.tokenizer, params.stop)
         history = torch.tensor([prompt_ids], device=self.param.device)
 
@@ -211,8 +212,14 @@ class Engine:
     # --- a batch of independent prompts --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Complete every prompt; rows advance together, each at its own positions."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, share_prompt: bool = True
+    ) -> list[Completion]:
+        """Complete every prompt; rows advance together, each at its own positions.
+
+        When every prompt is the same and `share_prompt` is set, the prompt runs through the model once and rows
+        1..B-1 count it as cached tokens; `share_prompt=False` prefills every row (the reference for tests).
+        """
         if not prompts or any(not p for p in prompts):
             raise LmforgeError("every prompt must have at least one token")
         self.reset()  # the shared cache is about to be overwritten
@@ -223,10 +230,16 @@ class Engine:
         streams = [TextStream(self.tokenizer, params.stop) for _ in prompts]
         outs: list[list[int]] = [[] for _ in prompts]
         stats = [Stats(prompt_tokens=n) for n in lengths]
-        generator = _generator(params.seed, device)
+        generator = seeded_generator(params.seed, device)
+        shared = share_prompt and b > 1 and all(p == prompts[0] for p in prompts)
 
         t0 = time.perf_counter()
-        logits = self._prefill_rows(prompts, cache)
+        if shared:
+            logits = self._prefill_shared(prompts[0], b, cache)
+            for s in stats[1:]:
+                s.cached_tokens = s.prompt_tokens
+        else:
+            logits = self._prefill_rows(prompts, cache)
         t_prefill = time.perf_counter() - t0
         history = _padded(prompts, device)
         pos = torch.tensor(lengths, device=device)[:, None]  # (B, 1): next position of each row
@@ -273,6 +286,16 @@ class Engine:
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
         return self.model(ids, Positions.make(pos), cache, keep=last)[:, 0]
 
+    def _prefill_shared(self, ids: list[int], rows: int, cache: KVCache) -> Tensor:
+        """Prefill one prompt in row 0, copy its keys/values (and any P-Tuning prefix) into rows 1..rows-1;
+        return the last logits repeated per row (rows, V)."""
+        first = KVCache(k=[t[:1] for t in cache.k], v=[t[:1] for t in cache.v])  # views: writes land in row 0
+        logits = self._prefill_rows([ids], first)
+        end = self.prefix_slots + len(ids)
+        for buf in cache.k + cache.v:  # (B, kv_heads, max_len, head_dim)
+            buf[1:rows, :, :end] = buf[:1, :, :end]
+        return logits.repeat(rows, 1)
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
@@ -287,11 +310,3 @@ def _padded(rows: list[list[int]], device: torch.device, width: int | None = Non
     """(B, width) ids, right-padded by repeating each row's last token (a real id, so embeddings stay valid)."""
     width = width or max(len(r) for r in rows)
     return torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    if seed is None:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g

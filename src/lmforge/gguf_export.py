@@ -30,7 +30,7 @@ import numpy as np
 from lmforge.config import ModelConfig, hf_model_type
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_path
-from lmforge.gguf_import import _LAYER_TENSORS, _TOP_TENSORS, PRE_TOKENIZERS
+from lmforge.gguf_import import LAYER_TENSORS, PRE_TOKENIZERS, TOP_TENSORS
 from lmforge.model import Transformer, rope_frequencies
 from lmforge.progress import track
 from lmforge.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, Q]] = {  # --type: (general.file
 # llama.cpp's pre-tokenizer names, first match wins; gguf_import.PRE_TOKENIZERS says how each splits text.
 PRE_TOKENIZER_NAMES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
 _NORMAL, _CONTROL, _USER, _UNUSED = 1, 3, 4, 5  # tokenizer.ggml.token_type values
-_GGUF_NAMES = {ours: theirs for theirs, ours in _TOP_TENSORS.items()}
+_GGUF_NAMES = {ours: theirs for theirs, ours in TOP_TENSORS.items()}
 
 
 def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, ftype: str = "f32", progress: bool = True) -> Path:
@@ -90,7 +90,7 @@ def _tensors(model: Transformer, arch: str) -> list[tuple[str, np.ndarray]]:
     The arrays are views of the loaded (memory-mapped) weights where no permutation or cast is needed."""
     cfg = model.cfg
     state = model.state_dict()
-    layer_names = {ours: theirs for theirs, ours in _LAYER_TENSORS.items()}
+    layer_names = {ours: theirs for theirs, ours in LAYER_TENSORS.items()}
     named = []
     for key in state:
         if key == "lm_head.weight" and cfg.tie_embeddings:

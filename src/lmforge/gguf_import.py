@@ -49,7 +49,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "qwen2": {"rope_permuted": False},
 }
 
-_LAYER_TENSORS = {
+# GGUF tensor names -> lmforge's (HF Llama) names; gguf_export reads the same tables backwards.
+LAYER_TENSORS = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
@@ -60,7 +61,7 @@ _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_TOP_TENSORS = {
+TOP_TENSORS = {
     "token_embd.weight": "embed_tokens.weight",
     "output_norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
@@ -406,9 +407,9 @@ def _plan(tensors: dict[str, _Tensor], path: Path) -> list[tuple[_Tensor, str]]:
         if name == "rope_freqs.weight":
             continue  # folded into the config
         m = _LAYER_RE.fullmatch(name)
-        ours = _TOP_TENSORS.get(name)
-        if m and m.group(2) in _LAYER_TENSORS:
-            ours = f"layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
+        ours = TOP_TENSORS.get(name)
+        if m and m.group(2) in LAYER_TENSORS:
+            ours = f"layers.{m.group(1)}.{LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
         if ours is None:
             raise LmforgeError(f"{path}: tensor {name!r} is not part of a llama/qwen2 model lmforge can run")
         try:

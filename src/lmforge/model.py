@@ -232,9 +232,12 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if cfg.num_labels:  # a reward model: a scalar per position instead of the vocabulary's logits
+            self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False)
+        else:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            if cfg.tie_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_table(cfg, cfg.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -265,7 +268,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         keep: int | Tensor | None = None,
     ) -> Tensor:
-        """Logits (B, T, vocab). Without a cache this is the plain causal training pass.
+        """Logits (B, T, vocab), or (B, T, num_labels) scores for a reward model. Without a cache this is the plain
+        causal training pass.
 
         keep: compute logits only where they are read: an int index shared by all rows (-1 = last) or a (B,)
         tensor of per-row indices gives (B, 1, vocab); a (B, K) tensor of per-row indices gives (B, K, vocab)
@@ -294,4 +298,4 @@ class Transformer(nn.Module):
         elif keep is not None:
             rows = keep if keep.dim() == 2 else keep[:, None]  # (B, K)
             x = x[torch.arange(b, device=x.device)[:, None], rows]
-        return self.lm_head(self.norm(x))
+        return (self.score if self.cfg.num_labels else self.lm_head)(self.norm(x))

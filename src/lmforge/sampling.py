@@ -86,3 +86,12 @@ def sample(logits: Tensor, params: SamplingParams, history: Tensor, generator: t
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
     pick = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1)
     return ids.gather(-1, pick).squeeze(-1)
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """The random stream of one request's `sample` calls: seeded when the request gave a seed, else torch's global."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

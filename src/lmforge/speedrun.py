@@ -1,18 +1,21 @@
 """`lmforge speedrun --preset cpu-tiny|ci-micro|gpu-small`: corpus to chat-able model in one command.
 
-One stage per line, each the same `lmforge` command a user would type (called through lmforge.cli.main, so the
-speedrun is exactly the documented path): synthetic bilingual stories (offline) → clean → dedup → tokenizer →
-token shards → pretrain → a short chat-format SFT (full fine-tuning on the shipped self-cognition set) → sample
-generations in English and Chinese → REPORT.md with the loss curve, the numbers and the lineage.
+One stage per line, each the same `lmforge` command a user would type: this module writes their command lines
+(`commands`) and the CLI, which sits above it, runs them, so the speedrun is exactly the documented path and no
+stage imports it. Synthetic bilingual stories (offline) → clean → dedup → tokenizer → token shards → pretrain → a
+short chat-format SFT (full fine-tuning on the shipped self-cognition set); then `finish` samples generations in
+English and Chinese and writes REPORT.md with the loss curve, the numbers and the lineage.
 Presets differ only in sizes and steps; `cpu-tiny` is sized for ~15 minutes on 2 CPU cores, `ci-micro` for CI.
 It does not add stages of its own: anything it does, a user can do with the commands it prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,14 +53,12 @@ def _cpu_seconds() -> float:
                                                                          resource.RUSAGE_CHILDREN)))
 
 
-def _run(argv: list[str], log: list[tuple[str, float, float]]) -> None:
-    """Run one stage through the CLI; record its command line, wall and CPU seconds (the report's stage table)."""
-    from lmforge.cli import main
-
-    command, t0, c0 = "lmforge " + " ".join(argv), time.perf_counter(), _cpu_seconds()
-    if main(argv) != 0:
-        raise LmforgeError(f"speedrun stopped at `{command}` (its error is printed above)")
-    log.append((command, time.perf_counter() - t0, _cpu_seconds() - c0))
+@contextlib.contextmanager
+def timed(label: str, log: list[tuple[str, float, float]]) -> Iterator[None]:
+    """Record `label` with its wall and CPU seconds in `log` (the report's stage table) when the block succeeds."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    yield
+    log.append((label, time.perf_counter() - t0, _cpu_seconds() - c0))
 
 
 def _samples(model_dir: Path, chat: bool, max_new_tokens: int = 40) -> list[tuple[str, str]]:
@@ -73,39 +74,43 @@ def _samples(model_dir: Path, chat: bool, max_new_tokens: int = 40) -> list[tupl
     return [(t, c.text) for t, c in zip(texts, done, strict=True)]
 
 
-def speedrun(preset: str, out: Path, progress: bool = True) -> Path:
-    """Run every stage into `out`; returns the path of REPORT.md."""
+def commands(preset: str, out: Path, progress: bool = True) -> list[list[str]]:
+    """The argv of every stage's `lmforge` command, in order, all writing under `out` (which must be new)."""
     if preset not in PRESETS:
         raise LmforgeError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     p, out = PRESETS[preset], Path(out)
     if out.exists() and any(out.iterdir()):
         raise LmforgeError(f"{out} is not empty; choose a new --out directory for the speedrun")
-    log: list[tuple[str, float, float]] = []
     quiet = [] if progress else ["--no-progress"]
     workers = ["--workers", str(p.workers)] if p.workers else []
-    t0 = time.perf_counter()
-    _run(["data", "synth", "--docs", str(p.docs), "--out", str(out / "synth")], log)
-    _run(["data", "clean", "--input", str(out / "synth"), "--out", str(out / "clean"), *workers], log)
-    _run(["data", "dedup", "--input", str(out / "clean"), "--out", str(out / "dedup"), *workers], log)
-    _run(["tokenizer", "train", "--data", str(out / "dedup"), "--vocab-size", str(p.vocab_size),
-          "--out", str(out / "tokenizer")], log)
-    _run(["data", "tokenize", "--input", str(out / "dedup"), "--tokenizer", str(out / "tokenizer"),
-          "--out", str(out / "shards")], log)
-    _run(["pretrain", "--shards", str(out / "shards"), "--tokenizer", str(out / "tokenizer"), "--out",
-          str(out / "pretrain"), "--preset", p.model, "--seq-len", str(p.seq_len), "--batch-size", str(p.batch_size),
-          "--max-steps", str(p.steps), "--lr", str(p.lr), "--warmup-steps", str(max(1, p.steps // 20)),
-          "--eval-every", str(max(1, p.steps // 5)), "--save-every", str(max(1, p.steps // 5)),
-          "--val-windows", "16", *quiet], log)
-    pretrain_s = time.perf_counter() - t0
-    _run(["sft", "--model", str(out / "pretrain" / "model"), "--method", "full", "--data", "builtin:self-cognition",
-          "--out", str(out / "sft"), "--max-steps", str(p.sft_steps), "--lr", "1e-3", "--max-len",
-          str(p.seq_len), "--eval-every", str(p.sft_steps), "--save-every", str(p.sft_steps)], log)
-    t_samples, c_samples = time.perf_counter(), _cpu_seconds()
-    samples = {heading: _samples(directory, chat) for heading, directory, chat in
-               (("pretrained", out / "pretrain" / "model", False), ("after SFT", out / "sft" / "model", True))}
-    log.append(("samples (greedy, in-process)", time.perf_counter() - t_samples, _cpu_seconds() - c_samples))
-    report = _report(preset, out, log, samples, pretrain_s, time.perf_counter() - t0)
-    write_text(out / "REPORT.md", report)
+    return [
+        ["data", "synth", "--docs", str(p.docs), "--out", str(out / "synth")],
+        ["data", "clean", "--input", str(out / "synth"), "--out", str(out / "clean"), *workers],
+        ["data", "dedup", "--input", str(out / "clean"), "--out", str(out / "dedup"), *workers],
+        ["tokenizer", "train", "--data", str(out / "dedup"), "--vocab-size", str(p.vocab_size),
+         "--out", str(out / "tokenizer")],
+        ["data", "tokenize", "--input", str(out / "dedup"), "--tokenizer", str(out / "tokenizer"),
+         "--out", str(out / "shards")],
+        ["pretrain", "--shards", str(out / "shards"), "--tokenizer", str(out / "tokenizer"), "--out",
+         str(out / "pretrain"), "--preset", p.model, "--seq-len", str(p.seq_len), "--batch-size", str(p.batch_size),
+         "--max-steps", str(p.steps), "--lr", str(p.lr), "--warmup-steps", str(max(1, p.steps // 20)),
+         "--eval-every", str(max(1, p.steps // 5)), "--save-every", str(max(1, p.steps // 5)),
+         "--val-windows", "16", *quiet],
+        ["sft", "--model", str(out / "pretrain" / "model"), "--method", "full", "--data", "builtin:self-cognition",
+         "--out", str(out / "sft"), "--max-steps", str(p.sft_steps), "--lr", "1e-3", "--max-len",
+         str(p.seq_len), "--eval-every", str(p.sft_steps), "--save-every", str(p.sft_steps)],
+    ]
+
+
+def finish(preset: str, out: Path, log: list[tuple[str, float, float]]) -> Path:
+    """After the stages in `log` ran: greedy samples from both models, then REPORT.md; returns its path."""
+    out = Path(out)
+    with timed("samples (greedy, in-process)", log):
+        samples = {heading: _samples(directory, chat) for heading, directory, chat in
+                   (("pretrained", out / "pretrain" / "model", False), ("after SFT", out / "sft" / "model", True))}
+    upto_pretrain = next(i for i, (c, _, _) in enumerate(log) if c.startswith("lmforge pretrain")) + 1
+    pretrain_s = sum(wall for _, wall, _ in log[:upto_pretrain])
+    write_text(out / "REPORT.md", _report(preset, out, log, samples, pretrain_s, sum(w for _, w, _ in log)))
     return out / "REPORT.md"
 
 

@@ -75,9 +75,43 @@ def test_pii_is_replaced() -> None:
     assert found == {"<EMAIL>": 1, "<PHONE>": 3, "<ID_NUMBER>": 1, "<IP_ADDRESS>": 1}
 
 
+PII = {  # one of each kind, with its placeholder
+    "zhang.san_01@mail.example.com.cn": "<EMAIL>",
+    "13812345678": "<PHONE>",
+    "+86 138-1234-5678": "<PHONE>",
+    "(415) 555-0199": "<PHONE>",
+    "11010519491231002X": "<ID_NUMBER>",
+    "192.168.1.20": "<IP_ADDRESS>",
+}
+# Where PII sits in running text. Chinese has no spaces, so it touches Han characters and full-width punctuation.
+POSITIONS = {
+    "start zh": "{}是我的联系方式。",
+    "end zh": "我的联系方式是{}",
+    "between Han": "请用{}联系我",
+    "after full-width colon": "电话：{}。",
+    "in full-width brackets": "联系人（{}）已确认",
+    "after full-width comma": "张三，{}，李四",
+    "start en": "{} is how to reach me.",
+    "end en": "Reach me at {}",
+    "between words": "Write to {} today.",
+    "after ascii punctuation": "Contact:{}; thanks",
+}
+
+
+@pytest.mark.parametrize("where", POSITIONS)
+@pytest.mark.parametrize("pii", PII)
+def test_pii_is_replaced_at_every_position(pii: str, where: str) -> None:
+    template = POSITIONS[where]
+    scrubbed, found = filters.scrub_pii(template.format(pii))
+    assert scrubbed == template.format(PII[pii])  # the whole of it, and nothing around it
+    assert found == {PII[pii]: 1}
+
+
 @pytest.mark.parametrize(
     "text",
     [
+        "订单号138123456789已发货，编号A13812345678作废。",  # a 12-digit number and a code are not phone numbers
+        "版本1.2.3于1999年发布，分机12345。",
         "On 2024-01-15 at 10:30, 1,234,567 people paid 3.14 each.",
         "Version 1.2.3 came out in 1999; call extension 12345.",
         "110105194912310021 has a wrong check digit, and 20240115 is a date.",

@@ -32,6 +32,7 @@ from lmforge.data.io import JsonlShardWriter, check_out_dir, write_manifest
 from lmforge.data.report import StageStats, write_report
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
+from lmforge.paths import cache_dir
 
 POETRY_SKIP = ("/rank/", "/strains/", "/error/")  # popularity ranks, tone patterns, errata: not text
 BODY_KEYS = ("paragraphs", "content", "para")
@@ -164,8 +165,6 @@ def _download(name: str, dest: Path) -> None:
 
 def package_dir(name: str) -> Path:
     """The cached package for `name`, downloaded on first use."""
-    from lmforge.catalog import cache_dir
-
     final = cache_dir() / "data" / name
     if final.is_dir():
         return final

@@ -9,7 +9,8 @@ spaces between words and uses full-width punctuation:
 - English documents need stop words (Gopher); Chinese ones need a minimum share of CJK characters and sentence
   punctuation (a list of bare characters is not prose);
 - PII (e-mail addresses, phone numbers, Chinese resident ID numbers with a valid check digit, IPv4 addresses) is
-  replaced by placeholders; dates, years and ordinary numbers do not match.
+  replaced by placeholders, also where it touches Han characters with no space between; dates, years and ordinary
+  numbers do not match.
 Every check returns the name of the rule a document broke, or None. Thresholds live in `QualityConfig`.
 It does not read files or count anything; `clean.py` does.
 """
@@ -187,16 +188,19 @@ def _english(text: str, cfg: QualityConfig) -> str | None:
 
 # --- PII -------------------------------------------------------------------------------------------------------
 
-EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
+# Chinese has no spaces, so PII sits right against Han characters (电话13812345678，邮箱a.b@c.com联系). Python's \b
+# and \w count a Han character as a word character, which kept such a phone number whole and cut such an e-mail
+# inside its local part; so every edge below is an ASCII class.
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}(?![A-Za-z0-9_])")
 CN_ID = re.compile(
     r"(?<![0-9A-Za-z])[1-9]\d{5}(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![0-9A-Za-z])"
 )
 PHONE = re.compile(
-    r"(?<![\w.+-])(?:"
+    r"(?<![A-Za-z0-9_.+-])(?:"
     r"(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}"  # Chinese mobile
     r"|\+\d{1,3}[- ]?\(?\d{1,4}\)?(?:[- ]?\d{2,4}){2,4}"  # international, with a leading +
     r"|\(\d{3}\) ?\d{3}[-.]\d{4}|\d{3}[-.]\d{3}[-.]\d{4}"  # North American
-    r")(?![\w.-]*\d)"
+    r")(?![A-Za-z0-9_.-]*\d)"
 )
 IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.]*\d)")
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)

@@ -79,16 +79,19 @@ class Comparison:
                 "position_inconsistent": flipped, "position_inconsistent_rate": flipped / swaps if swaps else None}
 
 
+def judge_pair(question: str, answer_1: str, answer_2: str, judge: JudgeFn) -> dict[str, Any]:
+    """One pair judged in both orders: the judge's replies, their verdicts and answer 1's combined result."""
+    replies = [judge(question, answer_1, answer_2), judge(question, answer_2, answer_1)]
+    verdicts = [parse_verdict(r) for r in replies]
+    return {"question": question, "answer_1": answer_1, "answer_2": answer_2, "verdicts": verdicts,
+            "replies": replies, "result": combine(*verdicts)}
+
+
 def compare(questions: list[str], answers_1: list[str], answers_2: list[str], judge: JudgeFn) -> Comparison:
     if not len(questions) == len(answers_1) == len(answers_2):
         raise LmforgeError("judge: every question needs one answer from each contender")
-    result = Comparison()
-    for q, a1, a2 in zip(questions, answers_1, answers_2, strict=True):
-        replies = [judge(q, a1, a2), judge(q, a2, a1)]
-        verdicts = [parse_verdict(r) for r in replies]
-        result.records.append({"question": q, "answer_1": a1, "answer_2": a2, "verdicts": verdicts,
-                               "replies": replies, "result": combine(*verdicts)})
-    return result
+    pairs = zip(questions, answers_1, answers_2, strict=True)
+    return Comparison([judge_pair(q, a1, a2, judge) for q, a1, a2 in pairs])
 
 
 def openai_judge(base_url: str, model: str, api_key: str | None = None, max_tokens: int = 512) -> JudgeFn:

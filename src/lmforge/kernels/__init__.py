@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmforge.paths import cache_dir
+
 SOURCES = [Path(__file__).with_name(n) for n in ("cpu.c", "quant.c", "layer.c", "kernels.h", "simd.h")]
 MAX_ROWS = 8  # lmf_linear_f32 handles at most this many activation rows; more rows are a GEMM for MKL
 
@@ -72,8 +74,6 @@ def library() -> ctypes.CDLL | None:
     if not compiler:
         _say_once("no C compiler found; decoding uses PyTorch's kernels (about 2x slower). Install gcc to speed it up.")
         return None
-    from lmforge.catalog import cache_dir
-
     flags = _compile_flags()
     text = b"".join(p.read_bytes() for p in SOURCES) + " ".join([compiler, *flags, platform.machine()]).encode()
     key = hashlib.sha256(text).hexdigest()

@@ -95,8 +95,22 @@ static inline void block_scales(const uint16_t* d, const float* xd, int b0, int 
     _mm256_storeu_ps(out, _mm256_mul_ps(dw, _mm256_loadu_ps(xd + b0)));
 }
 
+/* A row's INT4 sum once its blocks are in: the offset term, eight groups at a time (a scalar loop here would be a
+   latency chain as long as the rest), then the two accumulators. Not inlined, so that the one-row and the many-row
+   kernels run the very same instructions here (-ffast-math may compile an inlined copy differently). */
+__attribute__((noinline)) static float q4_finish(__m256 acc0, __m256 acc1, const uint16_t* mn, const float* xs,
+                                                 int ng) {
+    int g = 0;
+    for (; g + 8 <= ng; g += 8)
+        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + g))), _mm256_loadu_ps(xs + g),
+                               acc1);
+    float off = 0.0f;
+    for (; g < ng; g++) off += h2f(mn[g]) * xs[g];
+    return hsum(_mm256_add_ps(acc0, acc1)) + off;
+}
+
 /* The one-row case (a single conversation decoding), kept apart so that everything stays in registers: two
-   accumulators in turn hide the multiply-add latency. */
+   accumulators in turn hide the multiply-add latency, block b going to acc[b & 1]. */
 static float q4_row1(const uint8_t* q, const uint16_t* d, const uint16_t* mn, const Acts* a) {
     int nb = a->K / QBLOCK, shift = a->shift, ng = a->K / a->group;
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -113,14 +127,7 @@ static float q4_row1(const uint8_t* q, const uint16_t* d, const uint16_t* mn, co
                 acc0 = _mm256_fmadd_ps(dot, _mm256_broadcast_ss(sc + j), acc0);
         }
     }
-    /* the offset term, eight groups at a time: a scalar loop here would be a latency chain as long as the rest */
-    int g = 0;
-    for (; g + 8 <= ng; g += 8)
-        acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(mn + g))),
-                               _mm256_loadu_ps(a->xs + g), acc1);
-    float off = 0.0f;
-    for (; g < ng; g++) off += h2f(mn[g]) * a->xs[g];
-    return hsum(_mm256_add_ps(acc0, acc1)) + off;
+    return q4_finish(acc0, acc1, mn, a->xs, ng);
 }
 
 static float q8_row1(const int8_t* q, const uint16_t* d, const Acts* a) {
@@ -145,27 +152,29 @@ static float q8_row1(const int8_t* q, const uint16_t* d, const Acts* a) {
 }
 #endif
 
-/* out[m] = dot(row n of an INT4 matrix, x[m]) for every activation row m. */
+/* out[m] = dot(row n of an INT4 matrix, x[m]) for every activation row m. Each row adds up exactly as q4_row1
+   does (block b into acc[b & 1][m], the same scale products, the same q4_finish), so its result does not depend
+   on how many rows share the call: a server's greedy replies are the same idle or busy (serve.scheduler). */
 static void q4_row(const uint8_t* q, const uint16_t* d, const uint16_t* mn, const Acts* a, float* out) {
     int nb = a->K / QBLOCK, per = a->group / QBLOCK, ng = a->K / a->group;
-    float off[MAX_M] = {0};
 #ifdef __AVX2__
-    __m256 acc[MAX_M];
-    for (int m = 0; m < a->M; m++) acc[m] = _mm256_setzero_ps();
+    __m256 acc[2][MAX_M];
+    for (int m = 0; m < a->M; m++) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
     for (int g = 0; g < ng; g++) {
-        float dg = h2f(d[g]), mg = h2f(mn[g]);
-        for (int m = 0; m < a->M; m++) off[m] += mg * a->xs[m * ng + g];
+        float dg = h2f(d[g]);
         for (int s = 0; s < per; s++) {
             int b = g * per + s;
             __m256i w = unpack_q4_fast(q + (size_t)b * 16);
             for (int m = 0; m < a->M; m++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)m * a->K + (size_t)b * QBLOCK));
-                acc[m] = _mm256_fmadd_ps(dot_u8s8(w, xv), _mm256_set1_ps(dg * a->xd[m * nb + b]), acc[m]);
+                __m256 scale = _mm256_set1_ps(dg * a->xd[m * nb + b]);
+                acc[b & 1][m] = _mm256_fmadd_ps(dot_u8s8(w, xv), scale, acc[b & 1][m]);
             }
         }
     }
-    for (int m = 0; m < a->M; m++) out[m] = hsum(acc[m]) + off[m];
+    for (int m = 0; m < a->M; m++) out[m] = q4_finish(acc[0][m], acc[1][m], mn, a->xs + (size_t)m * ng, ng);
 #else
+    float off[MAX_M] = {0};
     for (int m = 0; m < a->M; m++) {
         float total = 0.0f;
         for (int b = 0; b < nb; b++) {
@@ -181,12 +190,12 @@ static void q4_row(const uint8_t* q, const uint16_t* d, const uint16_t* mn, cons
 #endif
 }
 
-/* out[m] = dot(row n of an INT8 matrix, x[m]) for every activation row m. */
+/* out[m] = dot(row n of an INT8 matrix, x[m]) for every activation row m; each row adds up as q8_row1 does. */
 static void q8_row(const int8_t* q, const uint16_t* d, const Acts* a, float* out) {
     int nb = a->K / QBLOCK, per = a->group / QBLOCK, ng = a->K / a->group;
 #ifdef __AVX2__
-    __m256 acc[MAX_M];
-    for (int m = 0; m < a->M; m++) acc[m] = _mm256_setzero_ps();
+    __m256 acc[2][MAX_M];
+    for (int m = 0; m < a->M; m++) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
     for (int g = 0; g < ng; g++) {
         float dg = h2f(d[g]);
         for (int s = 0; s < per; s++) {
@@ -196,11 +205,11 @@ static void q8_row(const int8_t* q, const uint16_t* d, const Acts* a, float* out
             for (int m = 0; m < a->M; m++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i*)(a->xq + (size_t)m * a->K + (size_t)b * QBLOCK));
                 __m256 dot = dot_u8s8(wabs, _mm256_sign_epi8(xv, w));
-                acc[m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dg * a->xd[m * nb + b]), acc[m]);
+                acc[b & 1][m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dg * a->xd[m * nb + b]), acc[b & 1][m]);
             }
         }
     }
-    for (int m = 0; m < a->M; m++) out[m] = hsum(acc[m]);
+    for (int m = 0; m < a->M; m++) out[m] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
 #else
     for (int m = 0; m < a->M; m++) {
         float total = 0.0f;

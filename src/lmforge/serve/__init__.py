@@ -29,6 +29,8 @@ class ServeConfig:
     max_context: int | None = None  # default: the model's context, capped at DEFAULT_CONTEXT
     max_body_bytes: int = 4 * 2**20
     model_id: str | None = None  # the name clients pass as `model` (default: the catalog name or directory name)
+    reward: str | None = None  # a reward model directory: requests may then ask for best_of > 1
+    best_of: int = 1  # candidates per non-streaming sampled request that does not say (needs `reward` when > 1)
 
     def check(self) -> None:
         if not _is_loopback(self.host) and not self.api_key and not self.insecure_no_auth:
@@ -42,6 +44,10 @@ class ServeConfig:
             raise LmforgeError(f"--max-context must be at least 16 tokens, got {self.max_context}")
         if not 0 <= self.port <= 65535:
             raise LmforgeError(f"--port must be between 0 and 65535, got {self.port}")
+        if not 1 <= self.best_of <= 16:
+            raise LmforgeError(f"--best-of must be between 1 and 16, got {self.best_of}")
+        if self.best_of > 1 and not self.reward:
+            raise LmforgeError("--best-of needs --reward RM_DIR: the reward model that picks the best candidate")
 
 
 def _is_loopback(host: str) -> bool:
@@ -63,11 +69,17 @@ def main(cfg: ServeConfig) -> None:
     from lmforge.serve.service import Limits, Service
 
     loaded = open_model(cfg.model, cfg.quant, cfg.adapter)
+    scorer = None
+    if cfg.reward:
+        from lmforge.align.reward import RewardScorer
+
+        scorer = RewardScorer(cfg.reward)
     model_len = loaded.model.cfg.max_seq_len - loaded.model.prefix_len  # a P-Tuning prefix takes positions too
     max_len = min(cfg.max_context or DEFAULT_CONTEXT, model_len)
     scheduler = Scheduler(loaded.model, loaded.tokenizer, cfg.max_batch, max_len)
     model_id = cfg.model_id or _model_id(cfg.model, loaded.directory)
-    svc = Service(scheduler, loaded.tokenizer, model_id, Limits(max_len, cfg.max_body_bytes), cfg.api_key)
+    limits = Limits(max_len, cfg.max_body_bytes)
+    svc = Service(scheduler, loaded.tokenizer, model_id, limits, cfg.api_key, scorer, cfg.best_of)
     scheduler.start()
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"lmforge: serving {model_id!r} at http://{shown}:{cfg.port}/ (OpenAI API under /v1)", flush=True)

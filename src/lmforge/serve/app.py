@@ -3,12 +3,14 @@
 Every error a client can cause leaves as OpenAI's error JSON with a 4xx status; streams use server-sent events in
 OpenAI's chunk format and end with `data: [DONE]`. A stream whose client goes away is cancelled (Starlette cancels
 the generator; `finally` frees the rows), and a non-streaming request polls for its client while it waits.
+With best-of-n, a non-streaming reply is collected whole and only the best n of its candidates are returned
+(`Service.best_of`, `Service.rank`); usage counts every candidate's tokens, as OpenAI's does.
 This module does not schedule or sample: it turns requests into `Service.submit` calls and events into replies.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -32,6 +34,8 @@ from lmforge.serve.service import Service, Submission
 from lmforge.serve.tools import ToolCallSplitter, plan_tools
 
 WEB = resources.files("lmforge.serve") / "web"
+
+Pick = Callable[[list[str]], Awaitable[list[int]]]  # every candidate's text -> the indices kept, in reply order
 
 
 def create_app(svc: Service) -> FastAPI:
@@ -73,13 +77,15 @@ def create_app(svc: Service) -> FastAPI:
         if isinstance(choice, dict) and choice["function"]["name"] not in plan.names:
             raise APIError(400, "tool_choice names a function that is not in tools", param="tool_choice")
         ids = svc.encode_chat(plan.messages, plan.template_tools) + svc.tokenizer.encode(plan.reply_prefix)
-        params = svc.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens)
+        best = svc.best_of(req)
+        params = svc.sampling(req, len(ids), req.max_completion_tokens or req.max_tokens, best)
         sub = svc.submit([(ids, p) for p in params])
         svc.metrics.requests.labels("/v1/chat/completions", "200").inc()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(_chat_stream(svc, sub, req.n, plan.reply_prefix, plan.names, include_usage))
-        return JSONResponse(await _chat_reply(svc, sub, request, plan.reply_prefix, plan.names))
+        pick = _picker(svc, [template_messages(req.messages)], best, req.n)
+        return JSONResponse(await _chat_reply(svc, sub, request, plan.reply_prefix, plan.names, pick))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -89,15 +95,18 @@ def create_app(svc: Service) -> FastAPI:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise APIError(400, "prompt: give at least one prompt", param="prompt")
+        best = svc.best_of(req)
         jobs = []
         for text in prompts:
             ids = svc.tokenizer.encode(text)
-            jobs += [(ids, p) for p in svc.sampling(req, len(ids), req.max_tokens)]
+            jobs += [(ids, p) for p in svc.sampling(req, len(ids), req.max_tokens, best)]
         sub = svc.submit(jobs)
         svc.metrics.requests.labels("/v1/completions", "200").inc()
         if req.stream:
             return _sse(_completion_stream(svc, sub))
-        return JSONResponse(await _completion_reply(svc, sub, request))
+        # The reward model reads a raw prompt as one user message (as `lmforge generate --best-of` does).
+        pick = _picker(svc, [[{"role": "user", "content": text}] for text in prompts], best, req.n)
+        return JSONResponse(await _completion_reply(svc, sub, request, pick))
 
     @app.get("/")
     async def index() -> FileResponse:
@@ -122,6 +131,30 @@ async def _body(request: Request, svc: Service) -> bytes:
     return b"".join(chunks)
 
 
+def _picker(svc: Service, conversations: list[list[dict]], best: int | None, n: int) -> Pick | None:
+    """None without best-of; else the ranking of each conversation's `best` candidates (they come in that order)
+    down to its n best, best first."""
+    if best is None:
+        return None
+
+    async def pick(texts: list[str]) -> list[int]:
+        kept = []
+        for c, messages in enumerate(conversations):
+            order = await svc.rank(messages, texts[c * best : (c + 1) * best], n)
+            kept += [c * best + i for i in order]
+        return kept
+
+    return pick
+
+
+async def _ranked(choices: list[dict], texts: list[str], pick: Pick | None) -> list[dict]:
+    """Choices sorted by index, or with best-of the kept ones renumbered in their new order."""
+    choices = sorted(choices, key=lambda c: c["index"])
+    if pick is None:
+        return choices
+    return [choices[i] | {"index": k} for k, i in enumerate(await pick(texts))]
+
+
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -130,7 +163,9 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
 # --- chat --------------------------------------------------------------------------------------------------------
 
 
-async def _chat_reply(svc: Service, sub: Submission, request: Request, prefix: str, tools: set[str]) -> dict:
+async def _chat_reply(
+    svc: Service, sub: Submission, request: Request, prefix: str, tools: set[str], pick: Pick | None = None
+) -> dict:
     texts = {i: [] for i in range(len(sub.seqs))}
     choices, prompt_tokens, completion_tokens = [], 0, 0
     async for i, event in sub.events(request.is_disconnected):
@@ -144,7 +179,7 @@ async def _chat_reply(svc: Service, sub: Submission, request: Request, prefix: s
             choices.append({"index": i, "message": message, "finish_reason": reason, "logprobs": None})
             prompt_tokens, completion_tokens = event.prompt_tokens, completion_tokens + event.completion_tokens
     svc.record(sub, prompt_tokens, completion_tokens)
-    choices.sort(key=lambda c: c["index"])
+    choices = await _ranked(choices, [prefix + "".join(texts[i]) for i in range(len(texts))], pick)
     rid = new_id("chatcmpl")
     return envelope(
         rid, "chat.completion", svc.model_id, choices=choices, usage=usage(prompt_tokens, completion_tokens)
@@ -210,7 +245,7 @@ async def _chat_stream(
 # --- completions -------------------------------------------------------------------------------------------------
 
 
-async def _completion_reply(svc: Service, sub: Submission, request: Request) -> dict:
+async def _completion_reply(svc: Service, sub: Submission, request: Request, pick: Pick | None = None) -> dict:
     texts = {i: [] for i in range(len(sub.seqs))}
     choices, prompt_tokens, completion_tokens = [], 0, 0
     async for i, event in sub.events(request.is_disconnected):
@@ -224,7 +259,7 @@ async def _completion_reply(svc: Service, sub: Submission, request: Request) -> 
             prompt_tokens += event.prompt_tokens
             completion_tokens += event.completion_tokens
     svc.record(sub, prompt_tokens, completion_tokens)
-    choices.sort(key=lambda c: c["index"])
+    choices = await _ranked(choices, ["".join(texts[i]) for i in range(len(texts))], pick)
     rid = new_id("cmpl")
     return envelope(
         rid, "text_completion", svc.model_id, choices=choices, usage=usage(prompt_tokens, completion_tokens)

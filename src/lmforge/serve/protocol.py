@@ -96,6 +96,7 @@ class _Sampling(_Strict):
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     n: int = Field(1, ge=1, le=8)
+    best_of: int | None = Field(None, ge=1, le=16)  # legacy completions' field; here on chat completions too
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -30,10 +30,9 @@ from torch import Tensor
 
 from lmforge import kernels
 from lmforge.engine import TextStream
-from lmforge.engine import _generator as make_generator
 from lmforge.fastpath import prepare_for_decode
 from lmforge.model import KVCache, Positions, Transformer
-from lmforge.sampling import SamplingParams, sample
+from lmforge.sampling import SamplingParams, sample, seeded_generator
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger("lmforge.serve")
@@ -193,7 +192,7 @@ class Scheduler:
             pooled[row, :, :end] = staged[0, :, :end]
         self.rows.append(seq)
         seq.text = TextStream(self.tokenizer, seq.params.stop)
-        seq.generator = make_generator(seq.params.seed, self.device)
+        seq.generator = seeded_generator(seq.params.seed, self.device)
         if seq.params.max_new_tokens == 0:
             self._finish(seq, "length")
             return

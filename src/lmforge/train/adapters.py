@@ -33,9 +33,14 @@ CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
+# Config fields that say how a model is read, not what its trunk is: the head kind and the padding id came after
+# adapters did, so leaving them out also keeps older adapters' fingerprints valid.
+NOT_ARCHITECTURE = ("num_labels", "pad_token_id")
+
+
 def _architecture(model: Transformer) -> dict[str, Any]:
     """The model's config without quantization settings, which a QLoRA base adds and its original lacks."""
-    return {k: v for k, v in model.cfg.to_dict().items() if "quant" not in k}
+    return {k: v for k, v in model.cfg.to_dict().items() if "quant" not in k and k not in NOT_ARCHITECTURE}
 
 
 def base_fingerprint(model: Transformer) -> str:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -123,45 +123,50 @@ def warm_allocator() -> Iterator[None]:
         trim(0)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     # bf16 autocast only where the hardware has bf16 matmul; this kind of CPU computes bf16 ~500x slower than fp32.
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-class _SummedCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of (N, V) logits against (N,) targets, worked in row chunks, whose backward turns the
-    logits into their own gradient in place: one (N, V) tensor at the peak instead of four (logits, log-softmax,
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy (N,) of (N, V) logits against (N,) targets, worked in row chunks, whose backward turns
+    the logits into their own gradient in place: one (N, V) tensor at the peak instead of four (logits, log-softmax,
     and the gradients of both). Only for logits that nothing else reads afterwards, as a head's fresh output; were
-    they saved elsewhere for backward, autograd's version check would refuse the in-place write, not miscompute."""
+    they saved elsewhere for backward, autograd's version check would refuse the in-place write, not miscompute.
+    Per token rather than summed so that preference losses can weigh each sequence's tokens by that sequence's own
+    gradient; a sum over it costs nothing more."""
 
     ROWS = 64  # (64, V) temporaries: ~12 MB at SmolLM2's vocabulary, ~39 MB at Qwen's
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, targets: Tensor) -> Tensor:
-        lse = torch.cat([torch.logsumexp(rows, dim=-1) for rows in logits.split(_SummedCrossEntropy.ROWS)])  # (N,)
+        lse = torch.cat([torch.logsumexp(rows, dim=-1) for rows in logits.split(_TokenCrossEntropy.ROWS)])  # (N,)
         ctx.save_for_backward(logits, targets, lse)
-        return (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+        return lse - logits.gather(1, targets[:, None]).squeeze(1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         logits, targets, lse = ctx.saved_tensors
-        chunks = zip(logits.split(_SummedCrossEntropy.ROWS), lse.split(_SummedCrossEntropy.ROWS), strict=True)
-        for rows, row_lse in chunks:
-            rows.sub_(row_lse[:, None]).exp_().mul_(grad)  # grad * softmax
+        rows = _TokenCrossEntropy.ROWS
+        for chunk, chunk_lse, chunk_grad in zip(logits.split(rows), lse.split(rows), grad.split(rows), strict=True):
+            chunk.sub_(chunk_lse[:, None]).exp_().mul_(chunk_grad[:, None])  # grad * softmax
         logits[torch.arange(len(targets), device=logits.device), targets] -= grad  # minus grad * one-hot
         return logits, None
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """-log p(target) per row of (N, V) logits, in float32 (a fresh copy under bf16 autocast, free to overwrite)."""
+    return _TokenCrossEntropy.apply(logits.float(), targets)
 
 
 def summed_loss(model: nn.Module, batch: Batch, device: torch.device) -> tuple[Tensor, int]:
     """Sum of next-token cross-entropy over the batch's targets, and how many targets there were."""
     ids, targets = batch["input_ids"].to(device), batch["targets"].to(device)
     read = targets != IGNORE  # the head runs only where a target is read: about half the tokens in SFT
-    with _autocast(device):
+    with autocast_for(device):
         logits = model(ids, keep=read)  # (N, V)
-    # .float() is a fresh copy under bf16 autocast and the head's own output in fp32: either is free to overwrite.
-    loss = _SummedCrossEntropy.apply(logits.float(), targets[read])
-    return loss, int(read.sum())
+    return token_nll(logits, targets[read]).sum(), int(read.sum())
 
 
 @torch.no_grad()
@@ -257,8 +262,12 @@ def _append_log(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+# Held-out pair accuracies of the preference stages, drawn beside the loss when a log has them.
+ACCURACIES = ("eval_accuracy", "eval_rewards/accuracy")
+
+
 def plot_losses(run_dir: Path) -> None:
-    """loss.png: training loss per step and held-out loss, from log.jsonl."""
+    """loss.png: training loss per step and held-out loss, from log.jsonl (and held-out pair accuracy, if logged)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -267,14 +276,21 @@ def plot_losses(run_dir: Path) -> None:
     log = read_log(run_dir)
     train = [(r["step"], r["loss"]) for r in log if "loss" in r]
     held = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    accuracy = [(r["step"], r[k]) for r in log for k in ACCURACIES if k in r]
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(12 if accuracy else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
     if held:
         ax.plot(*zip(*held, strict=True), "o-", label="held-out", linewidth=1.5)
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)
+    ax.set(xlabel="step", ylabel="loss", title=run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if accuracy:
+        right = axes[0][1]
+        right.plot(*zip(*accuracy, strict=True), "o-", color="tab:green", linewidth=1.5)
+        right.set(xlabel="step", ylabel="held-out pair accuracy", ylim=(0, 1.02), title="chosen ranked above rejected")
+        right.grid(alpha=0.3)
     with atomic_path(run_dir / "loss.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -323,6 +339,31 @@ def accumulate(model: nn.Module, micro: list[Batch], device: torch.device) -> tu
     return total / max(count, 1), sum(b["input_ids"].numel() for b in micro)
 
 
+class Objective(Protocol):
+    """What a stage trains for. The loop owns the schedule, optimizer, checkpoints and log; the objective owns the
+    forward and backward of one step and what is measured on held-out data."""
+
+    def step(self, model: nn.Module, micro: list[Batch], device: torch.device) -> tuple[float, int, dict[str, float]]:
+        """Forward and backward over one step's micro-batches (gradients of the step's loss): (loss, tokens seen,
+        other metrics to log)."""
+        ...
+
+    def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
+        """Held-out metrics in eval mode without gradients; `eval_loss` among them."""
+        ...
+
+
+class NextToken:
+    """Next-token cross-entropy over the batches' targets: pretraining and instruction tuning."""
+
+    def step(self, model: nn.Module, micro: list[Batch], device: torch.device) -> tuple[float, int, dict[str, float]]:
+        loss, tokens = accumulate(model, micro, device)
+        return loss, tokens, {}
+
+    def evaluate(self, model: nn.Module, batches: list[Batch]) -> dict[str, float]:
+        return {"eval_loss": evaluate(model, batches)}
+
+
 def train(
     model: nn.Module,
     batches: Callable[[int], list[Batch]],
@@ -332,9 +373,13 @@ def train(
     label: str = "training",
     healer: Healer | None = None,
     runtime: Runtime | None = None,
+    objective: Objective | None = None,
 ) -> dict:
-    """Run (or continue, if run_dir holds checkpoints) until cfg.max_steps; returns the final counters."""
+    """Run (or continue, if run_dir holds checkpoints) until cfg.max_steps; returns the final counters.
+
+    objective: the loss and held-out metrics (default: next-token cross-entropy)."""
     rt = runtime or Runtime()
+    objective = objective or NextToken()
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     rt.barrier()
@@ -344,7 +389,7 @@ def train(
     params = list(trainable(model).values())
     if counters["step"] == 0:
         if held_out:
-            _log(run_dir, rt, _eval_record(0, model, held_out, cfg))
+            _log(run_dir, rt, _eval_record(0, model, held_out, cfg, objective))
         if healer is not None:  # a rollback needs a good state to return to
             _save(run_dir, model, opt, counters, cfg, rt)
     model.train()
@@ -357,7 +402,7 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             data_step = healer.data_step(step, counters) if healer else step
-            loss, tokens = accumulate(model, batches(data_step), device)
+            loss, tokens, metrics = objective.step(model, batches(data_step), device)
             loss, tokens = rt.mean(loss), tokens * rt.world
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
@@ -377,10 +422,10 @@ def train(
             if healer:
                 counters = healer.observe(loss, counters)
             record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens}
-            record |= _speed(tokens, dt, cfg)
+            record |= {k: rt.mean(v) for k, v in metrics.items()} | _speed(tokens, dt, cfg)
             done = step + 1 == cfg.max_steps
             if held_out and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
-                record |= _eval_record(step + 1, model, held_out, cfg)
+                record |= _eval_record(step + 1, model, held_out, cfg, objective)
             _log(run_dir, rt, record)
             if rt.is_main:
                 update(step + 1, f"loss {loss:.3f}  lr {lr:.2e}  {tokens / dt:,.0f} tok/s")
@@ -399,11 +444,10 @@ def _speed(tokens: int, dt: float, cfg: TrainConfig) -> dict:
     return speed
 
 
-def _eval_record(step: int, model: nn.Module, held_out: list[Batch], cfg: TrainConfig) -> dict:
-    loss = evaluate(model, held_out)
-    record = {"step": step, "eval_loss": loss}
+def _eval_record(step: int, model: nn.Module, held_out: list[Batch], cfg: TrainConfig, objective: Objective) -> dict:
+    record = {"step": step, **objective.evaluate(model, held_out)}
     if cfg.bytes_per_token:
-        record["eval_bpb"] = loss / math.log(2) / cfg.bytes_per_token  # nats/token -> bits/byte
+        record["eval_bpb"] = record["eval_loss"] / math.log(2) / cfg.bytes_per_token  # nats/token -> bits/byte
     return record
 
 

@@ -23,7 +23,9 @@ come out wide (see `_project`), and B's product is added into an `nn.Linear` bas
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,8 +33,8 @@ from torch import Tensor, nn
 
 from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
+from lmforge.train.settings import ALL_TARGETS
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Targets that model.Attention and model.MLP call on one and the same tensor.
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CHUNKS = 65536  # a 16-bit random chunk decides one element's dropout
@@ -132,6 +134,7 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear and PEFT initialise A
         # Not a submodule (it refers back to its members); apply_lora regroups siblings that share an input.
         self.shared = SharedInput([self], cfg.dropout)
+        self.enabled = True  # off: exactly the base layer (adapters_off, DPO's reference model)
 
     @property
     def in_features(self) -> int:
@@ -142,6 +145,8 @@ class LoraLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return self.base(x)
         h, rescale = self.shared.down(x, self)  # (N, rank)
         y = self.base(x.reshape(-1, x.shape[-1]))  # (N, out): flat, so that y is no view of another tensor
         # B^T made contiguous (rank, out), for the same reason as h's layout in SharedInput._project.
@@ -188,6 +193,20 @@ def apply_lora(model: Transformer, cfg: LoraConfig) -> Transformer:
 
 def lora_layers(model: nn.Module) -> list[LoraLinear]:
     return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Run the model as its base inside the block: every LoRA layer returns its base layer's output untouched.
+    This is DPO's reference model under LoRA, with no second copy of the weights in memory."""
+    layers = lora_layers(model)
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 @torch.no_grad()

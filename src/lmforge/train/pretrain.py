@@ -30,7 +30,7 @@ from lmforge.train import distributed
 from lmforge.train.healing import Healer, HealingConfig
 from lmforge.train.loop import TrainConfig, read_log, train
 from lmforge.train.pretrain_config import NOT_IDENTITY, PretrainConfig
-from lmforge.train.sft import prepare_out
+from lmforge.train.rundir import identity, prepare_out
 from lmforge.train.shard_loader import ShardBatches
 
 # --- model, tokenizer, memory -------------------------------------------------------------------------------------
@@ -101,11 +101,6 @@ def _bytes_per_token(batches: ShardBatches, tokenizer: object) -> float:
 # --- the stage ----------------------------------------------------------------------------------------------------
 
 
-def _identity(cfg: PretrainConfig, manifest_sha: str) -> dict:
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_IDENTITY}
-    return {"settings": settings, "data_sha256": {"manifest.json": manifest_sha}}
-
-
 def _loop_config(cfg: PretrainConfig, mcfg: ModelConfig, device: torch.device, bpt: float) -> TrainConfig:
     from lmforge.plan import PEAK_FLOPS, n_params
 
@@ -146,8 +141,8 @@ def main(cfg: PretrainConfig) -> dict:
     shards.check_tokenizer(tok_sha, mcfg.vocab_size)
     check_memory(cfg, mcfg, device, world, strategy)
     manifest_sha = sha256_file(shards.directory / MANIFEST)
-    identity = _identity(cfg, manifest_sha)
-    out = prepare_out(cfg, identity) if rank == 0 else Path(cfg.out)
+    run = identity(cfg, {"manifest.json": manifest_sha}, NOT_IDENTITY)
+    out = prepare_out(cfg, run) if rank == 0 else Path(cfg.out)
     distributed.barrier()  # the other ranks touch the directory only once rank 0 has checked and claimed it
 
     batches = ShardBatches(shards, cfg.seq_len, cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.val_windows, rank, world)

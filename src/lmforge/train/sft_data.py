@@ -19,22 +19,24 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.loop import IGNORE
+from lmforge.train.loop import IGNORE, Batch
 
+T = TypeVar("T")
 BUILTIN = {
     "self-cognition": "self_cognition.jsonl",
     "instructions": "instructions.jsonl",
+    "preferences": "preferences.jsonl",  # prompt / chosen / rejected pairs for `lmforge rm train` and `dpo`
 }
 SHAREGPT_ROLES = {
     "human": "user",
@@ -264,28 +266,38 @@ def load_examples(
     identity: dict[str, str],
     stats: DataStats,
 ) -> list[Example]:
+    def encode(record: Any) -> Example:
+        return encode_chat(tok, to_messages(fill_identity(record, identity)))
+
     examples = []
+    for example in parse_records(paths, encode, bad_records, stats.skipped):
+        stats.records += 1
+        fitted = fit_length(example, max_len, overlong, stats)
+        if fitted is not None:
+            examples.append(fitted)
+    if not examples:
+        raise LmforgeError(f"no usable examples in {', '.join(map(str, paths))} (see the skipped records above)")
+    return examples
+
+
+def parse_records(
+    paths: list[Path], parse: Callable[[Any], T], bad_records: str, skipped: list[str]
+) -> Iterator[T]:
+    """parse(record) for every record of the files. A BadRecord stops with its file:line and reason
+    (bad_records "stop") or is listed in `skipped` as "file:line: reason" ("skip"; the first few are printed)."""
     for path in paths:
         for line, record in read_records(path):
             try:
-                example = encode_chat(tok, to_messages(fill_identity(record, identity)))
+                yield parse(record)
             except BadRecord as e:
                 where = f"{path}:{line}: {e}"
                 if bad_records == "stop":
                     raise LmforgeError(f"{where}; fix the record or pass --bad-records skip") from None
-                stats.skipped.append(where)
-                continue
-            stats.records += 1
-            fitted = fit_length(example, max_len, overlong, stats)
-            if fitted is not None:
-                examples.append(fitted)
-    for where in stats.skipped[:5]:
+                skipped.append(where)
+    for where in skipped[:5]:
         print(f"lmforge: skipped {where}", file=sys.stderr)
-    if len(stats.skipped) > 5:
-        print(f"lmforge: skipped {len(stats.skipped) - 5} more bad records", file=sys.stderr)
-    if not examples:
-        raise LmforgeError(f"no usable examples in {', '.join(map(str, paths))} (see the skipped records above)")
-    return examples
+    if len(skipped) > 5:
+        print(f"lmforge: skipped {len(skipped) - 5} more bad records", file=sys.stderr)
 
 
 def general_pieces(paths: list[Path], tok: Tokenizer, max_len: int) -> list[Example]:
@@ -361,28 +373,31 @@ class StepBatches:
 
     The example stream is epoch after epoch of seeded permutations; step s reads micro-batches s*accum ..
     (s+1)*accum - 1 of `batch_size` consecutive examples. No iterator state exists, so a resumed run reads exactly
-    what the uninterrupted run would have read.
+    what the uninterrupted run would have read. `collate` turns a micro-batch's examples into tensors (any kind of
+    example: instruction examples here, preference pairs in lmforge.align).
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, grad_accum: int, seed: int, pad_id: int) -> None:
+    def __init__(
+        self, examples: list[Any], batch_size: int, grad_accum: int, seed: int, collate: Callable[[list[Any]], Batch]
+    ) -> None:
         self.examples, self.batch_size, self.grad_accum = examples, batch_size, grad_accum
-        self.seed, self.pad_id = seed, pad_id
+        self.seed, self.collate = seed, collate
         self._orders: dict[int, list[int]] = {}
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.examples) // (self.batch_size * self.grad_accum))
 
-    def _example(self, k: int) -> Example:
+    def _example(self, k: int) -> Any:
         epoch, i = divmod(k, len(self.examples))
         if epoch not in self._orders:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._orders = {epoch: torch.randperm(len(self.examples), generator=g).tolist()}
         return self.examples[self._orders[epoch][i]]
 
-    def __call__(self, step: int) -> list[dict[str, Tensor]]:
+    def __call__(self, step: int) -> list[Batch]:
         first = step * self.grad_accum * self.batch_size
         return [
-            collate([self._example(first + m * self.batch_size + j) for j in range(self.batch_size)], self.pad_id)
+            self.collate([self._example(first + m * self.batch_size + j) for j in range(self.batch_size)])
             for m in range(self.grad_accum)
         ]
 
