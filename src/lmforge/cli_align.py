@@ -54,7 +54,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rm = sub.add_parser("rm", help="reward models: train on preference pairs, evaluate, score replies")
     actions = rm.add_subparsers(dest="rm_command", required=True)
     p = actions.add_parser("train", help="train a reward model (Bradley-Terry) on preference pairs")
-    add_flags(p, RMConfig, {"method": RM_METHODS, "bad_records": ("stop", "skip")}, skip=("progress", "quant"))
+    add_flags(p, RMConfig, {"method": RM_METHODS, "bad_records": ("stop", "skip")}, skip=("quant",))
     p.set_defaults(func=cmd_rm_train)
 
     p = actions.add_parser("eval", help="pair accuracy and mean margin of a reward model on preference files")

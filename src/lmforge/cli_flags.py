@@ -17,16 +17,17 @@ SCALARS = {"int": int, "float": float, "str": str}
 
 def add_flags(
     parser: argparse.ArgumentParser, cls: type, choices: dict[str, tuple[str, ...]] | None = None,
-    skip: tuple[str, ...] = ("progress",),
+    skip: tuple[str, ...] = (), require: bool = True,
 ) -> None:
-    """Add one flag per field of `cls` (but `skip`); `choices` restricts string fields."""
+    """Add one flag per field of `cls` (but `skip`); `choices` restricts string fields. Fields without a default are
+    required flags unless `require` is off (when a settings file may supply them instead)."""
     choices = choices or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type).replace(" | None", "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        required = require and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = "" if required else f" (default {_shown(f)})"
         text = f.metadata.get("help", f.name.replace("_", " ")) + default
         if kind == "bool":

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from lmforge.cli_flags import add_flags, config_from
 from lmforge.errors import LmforgeError
 
 
@@ -23,9 +24,10 @@ def add_commands(sub: argparse._SubParsersAction, model_help: str) -> None:
 
 def cmd_sft(args: argparse.Namespace) -> None:
     from lmforge.train.rundir import report
-    from lmforge.train.sft import SFTConfig, main
+    from lmforge.train.settings import SFTConfig
+    from lmforge.train.sft import main
 
-    report(main(_config(SFTConfig, args)))
+    report(main(config_from(SFTConfig, args)))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -35,49 +37,11 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def _add_sft(sub: argparse._SubParsersAction, model_help: str) -> None:
+    from lmforge.train.settings import SFT_METHODS, SFTConfig
+
     p = sub.add_parser("sft", help="instruction-tune a model: full, LoRA, QLoRA or P-Tuning v2")
-    p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--data", nargs="+", required=True,
-                   help="Alpaca / ShareGPT / OpenAI-messages .json or .jsonl files, or builtin:self-cognition, "
-                   "builtin:instructions")
-    p.add_argument("--out", required=True, help="output directory (adapter, or model/ for full)")
-    p.add_argument("--method", choices=("full", "lora", "qlora", "ptuning"), default="lora")
-    p.add_argument("--mix-data", nargs="+", default=None, help="general text (.txt or JSONL with text) to mix in")
-    p.add_argument("--mix-ratio", type=float, default=None, help="fraction of training examples from --mix-data")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=float, default=None)
-    g.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
-    lr_help = "peak learning rate (default: full 2e-5, lora/qlora 2e-4, ptuning 1e-2)"
-    g.add_argument("--lr", type=float, default=None, help=lr_help)
-    g.add_argument("--min-lr-ratio", type=float, default=None)
-    g.add_argument("--warmup-ratio", type=float, default=None)
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--grad-clip", type=float, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--grad-accum", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g = p.add_argument_group("data handling")
-    g.add_argument("--max-len", type=int, default=None, help="tokens per example (default 512)")
-    g.add_argument("--overlong", choices=("truncate", "drop"), default=None)
-    g.add_argument("--bad-records", choices=("stop", "skip"), default=None)
-    g.add_argument("--packing", action="store_true", default=None, help="pack short examples into full rows")
-    g.add_argument("--name", default=None, help="assistant name for {{NAME}} in the data (default Forge)")
-    g.add_argument("--author", default=None, help="author for {{AUTHOR}} in the data")
-    g.add_argument("--eval-fraction", type=float, default=None)
-    g = p.add_argument_group("method")
-    g.add_argument("--lora-rank", type=int, default=None)
-    g.add_argument("--lora-alpha", type=float, default=None)
-    g.add_argument("--lora-dropout", type=float, default=None)
-    g.add_argument("--lora-targets", nargs="+", default=None)
-    g.add_argument("--prefix-len", type=int, default=None, help="P-Tuning v2 prefix length")
-    g.add_argument("--quant", default=None, help="QLoRA base quantization (default int4)")
-    g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, default=None)
-    g.add_argument("--save-every", type=int, default=None)
-    g.add_argument("--keep-last", type=int, default=None)
-    g.add_argument("--device", default=None)
-    g.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
-    g.add_argument("--overwrite", action="store_true", default=None, help="replace the run in --out")
+    choices = {"method": SFT_METHODS, "overlong": ("truncate", "drop"), "bad_records": ("stop", "skip")}
+    add_flags(p, SFTConfig, choices)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights")
@@ -122,15 +86,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("pretrain", help="next-token pretraining on token shards (one CPU or many GPUs via torchrun)")
     p.add_argument("--config", default=None, help="JSON or YAML file of settings (flags override it)")
-    for f in dataclasses.fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "config":
-            continue
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+    add_flags(p, PretrainConfig, skip=("config",), require=False)  # --shards and --out may come from --config
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("plan", help="compute-optimal model size and tokens, memory per device, wall time")
@@ -151,12 +107,6 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (e.g. RUN/model)")
     p.add_argument("--out", required=True, help="new output directory for the re-run")
     p.set_defaults(func=cmd_reproduce)
-
-
-def _config(cls: type, args: argparse.Namespace):  # noqa: ANN202 - any stage dataclass
-    """The stage dataclass from flags that were given; the rest keep the dataclass defaults."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
 def _report_line(report: dict, out: str | None) -> None:
@@ -180,7 +130,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         "fetch": (fetch.FetchConfig, fetch.main),
     }
     cls, run = stages[args.data_command]
-    report = run(_config(cls, args))
+    report = run(config_from(cls, args))
     if args.data_command == "stats" and args.out is None:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
@@ -256,7 +206,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def cmd_data_prefs(args: argparse.Namespace) -> None:
     from lmforge.align.prefgen import PrefsConfig, main, summary_line
 
-    print(summary_line(main(_config(PrefsConfig, args))))
+    print(summary_line(main(config_from(PrefsConfig, args))))
 
 
 def _add_data_prefs(stages: argparse._SubParsersAction) -> None:
@@ -295,7 +245,7 @@ def _add_data_prefs(stages: argparse._SubParsersAction) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from lmforge.tokenizer_train import TokenizerTrainConfig, main
 
-    report = main(_config(TokenizerTrainConfig, args))
+    report = main(config_from(TokenizerTrainConfig, args))
     for name, bpt in report["bytes_per_token"].items():
         if name != "vocab_sizes":
             print(f"{name}: {bpt['zh']} bytes/token Chinese, {bpt['en']} English (held-out text)")

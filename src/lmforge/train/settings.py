@@ -1,8 +1,8 @@
-"""FinetuneSettings: the settings every fine-tuning stage shares (`sft`, `rm train`, `dpo`).
+"""FinetuneSettings: the settings every fine-tuning stage shares (`sft`, `rm train`, `dpo`), and `lmforge sft`'s own.
 
-Each stage's config dataclass extends it with its own fields (data, losses). The CLI builds those stages' flags from
-the fields and their `help` metadata (cli_flags), which is why this module imports neither torch nor the stages.
-It does not run anything.
+Each stage's config dataclass extends it with its own fields (data, losses; align/settings.py holds rm's and
+dpo's). The CLI builds those stages' flags from the fields and their `help` metadata (cli_flags), which is why this
+module imports neither torch nor the stages. It does not run anything.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from lmforge.errors import LmforgeError
 
+SFT_METHODS = ("full", "lora", "qlora", "ptuning")
 # Every linear of a block, LoRA's default targets.
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -58,3 +59,26 @@ class FinetuneSettings:
             raise LmforgeError("--batch-size and --grad-accum must be at least 1, --max-len at least 2")
         if self.resume and self.overwrite:
             raise LmforgeError("--resume and --overwrite contradict each other; pass one")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(FinetuneSettings):
+    data: list[str] = field(metadata=doc("Alpaca / ShareGPT / OpenAI-messages .json or .jsonl files, or "
+                                         "builtin:self-cognition, builtin:instructions"))
+    mix_data: list[str] = field(default_factory=list, metadata=doc("general text (.txt or JSONL with text) to mix in"))
+    mix_ratio: float = field(default=0.0, metadata=doc("fraction of training examples drawn from --mix-data"))
+    overlong: str = field(default="truncate", metadata=doc("examples over --max-len: truncate or drop"))
+    packing: bool = field(default=False, metadata=doc("pack short examples into full rows"))
+    prefix_len: int = field(default=16, metadata=doc("P-Tuning v2 prefix length"))
+    name: str = field(default="Forge", metadata=doc("assistant name for {{NAME}} in the data"))
+    author: str = field(default="the lmforge team", metadata=doc("author for {{AUTHOR}} in the data"))
+    eval_fraction: float = field(default=0.05, metadata=doc("held-out share of the examples"))
+
+    def validate(self) -> None:
+        self.check_common(SFT_METHODS)
+        if self.overlong not in ("truncate", "drop"):
+            raise LmforgeError(f"--overlong {self.overlong!r}: choose truncate or drop")
+        if not 0 <= self.mix_ratio < 1:
+            raise LmforgeError(f"--mix-ratio {self.mix_ratio}: give a fraction in [0, 1)")
+        if self.mix_ratio > 0 and not self.mix_data:
+            raise LmforgeError("--mix-ratio needs --mix-data FILE (general text to mix in)")

@@ -15,13 +15,11 @@ This module does not define the data formats (sft_data) or the training step (lo
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from lmforge.errors import LmforgeError
 from lmforge.fileio import sha256_file
 from lmforge.train import sft_data
 from lmforge.train.finetune import apply_method, final_metrics, load_base, loop_config, save_result, steps_for
@@ -29,35 +27,12 @@ from lmforge.train.loop import train
 from lmforge.train.lora import LoraConfig
 from lmforge.train.ptuning import PtuningConfig
 from lmforge.train.rundir import identity, prepare_out
-from lmforge.train.settings import FinetuneSettings
+from lmforge.train.settings import SFTConfig
 
 if TYPE_CHECKING:
     from lmforge.tokenizer import Tokenizer
 
-METHODS = ("full", "lora", "qlora", "ptuning")
 DEFAULT_LR = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "ptuning": 1e-2}
-
-
-@dataclass(kw_only=True)
-class SFTConfig(FinetuneSettings):
-    data: list[str]
-    mix_data: list[str] = field(default_factory=list)  # general text mixed in against forgetting
-    mix_ratio: float = 0.0  # fraction of training examples drawn from mix_data
-    overlong: str = "truncate"  # or "drop"
-    packing: bool = False
-    prefix_len: int = 16
-    name: str = "Forge"  # fills {{NAME}} in the data (the shipped self-cognition set uses it)
-    author: str = "the lmforge team"  # fills {{AUTHOR}}
-    eval_fraction: float = 0.05
-
-    def validate(self) -> None:
-        self.check_common(METHODS)
-        if self.overlong not in ("truncate", "drop"):
-            raise LmforgeError(f"--overlong {self.overlong!r}: choose truncate or drop")
-        if not 0 <= self.mix_ratio < 1:
-            raise LmforgeError(f"--mix-ratio {self.mix_ratio}: give a fraction in [0, 1)")
-        if self.mix_ratio > 0 and not self.mix_data:
-            raise LmforgeError("--mix-ratio needs --mix-data FILE (general text to mix in)")
 
 
 # --- model and data -----------------------------------------------------------------------------------------------
