@@ -59,8 +59,9 @@ class PreferenceObjective:
 
     def _terms(self, model: nn.Module, batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(per-pair losses (B,), summed chosen NLL, per-pair metrics)."""
-        logps, nll = reply_logps(model, batch, device)  # (B, 2) summed; (B, K)
+        # The reference first: its logits are gone before the policy's, which backward keeps, are made.
         ref = None if self.cfg.loss in REFERENCE_FREE else self.reference(batch, device)
+        logps, nll = reply_logps(model, batch, device)  # (B, 2) summed; (B, K)
         scored, ref_scored = logps, ref
         if self.cfg.loss in LENGTH_AVERAGED:
             lengths = batch["reply_len"].to(device).float()
